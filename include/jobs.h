@@ -1,0 +1,88 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * jobs: the AWS IoT Jobs client. Owns the current job execution (one at a
+ * time, as $next/notify-next expose them), de-duplication of repeated
+ * deliveries, status updates with clientToken correlation and retries, and
+ * the dispatch of job documents to handler modules. Never does a job's work.
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "otad.h"
+
+typedef struct cJSON cJSON;
+
+enum job_status {
+        JOB_QUEUED,
+        JOB_IN_PROGRESS,
+        JOB_SUCCEEDED,
+        JOB_FAILED,
+        JOB_REJECTED,
+        JOB_TIMED_OUT,
+        JOB_REMOVED,
+        JOB_CANCELED,
+};
+
+/* One job execution as the service last described it. Read-only for handlers. */
+struct job {
+        char *id;                 /* [a-zA-Z0-9_-]{1,64} */
+        enum job_status status;
+        int64_t version_number;
+        int64_t execution_number;
+        const cJSON *status_details; /* object or NULL */
+        const cJSON *document;       /* jobDocument object */
+};
+
+/* A handler module. The first registered handler whose accepts() says yes
+ * gets the job. */
+struct job_handler {
+        const char *name;
+        bool (*accepts)(const cJSON *document, void *userdata);
+        /* Begin work. 0: the handler now owns the job until it reports a
+         * terminal status through jobs_update(). <0: jobs reports FAILED with
+         * reason (if set) for it. */
+        int (*start)(const struct job *job, char *reason, size_t reason_size, void *userdata);
+        /* The same job was delivered again, e.g. with fresh presigned URLs.
+         * May be NULL. */
+        void (*refresh)(const struct job *job, void *userdata);
+        /* The service no longer offers this job (cancelled, removed, timed
+         * out), or otad is stopping: stop its work now, report nothing. */
+        void (*cancel)(const struct job *job, void *userdata);
+        void *userdata;
+};
+
+/* A statusDetails pair; arrays of these end at key == NULL. Keys follow
+ * [a-zA-Z0-9:_-]{1,128}, values are 1..1024 printable characters, at most
+ * 10 pairs: jobs_update() refuses anything else with -EINVAL. */
+struct status_detail {
+        const char *key;
+        const char *value;
+};
+
+enum {
+        /* Progress: QoS 0, not retried, dropped when offline (like the
+         * reference agent's "receive" updates). */
+        JOBS_UPDATE_PROGRESS = 1 << 0,
+};
+
+/* Called once per jobs_update() with 0 when the service accepted the update,
+ * or a negative errno when it finally refused it (reason in the journal). */
+typedef void (*jobs_update_done_fn)(int result, void *userdata);
+
+int jobs_new(struct otad *otad, struct jobs **ret);
+void jobs_free(struct jobs *jobs);
+int jobs_register_handler(struct jobs *jobs, const struct job_handler *handler);
+
+/* Publishes an UpdateJobExecution for job_id. A terminal status ends the
+ * job locally and the client then asks for the next one. done may be NULL. */
+int jobs_update(struct jobs *jobs, const char *job_id, enum job_status status,
+                const struct status_detail *details, unsigned flags,
+                jobs_update_done_fn done, void *userdata);
+/* Asks the service for the current job again ($next/get): e.g. to obtain a
+ * fresh presigned URL. The answer arrives through the handler's refresh(). */
+int jobs_request_refresh(struct jobs *jobs);
+
+const char *job_status_to_string(enum job_status s);
