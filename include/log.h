@@ -43,8 +43,8 @@ int log_level_from_string(const char *s);
 const char *log_level_to_string(int level);
 
 /* Returns -abs(error) when error != 0, else 0, so a caller can write
- * `return log_error_errno(r, "...: %m")`. errno is set from error so that %m
- * prints it. */
+ * `return log_error_errno(r, "Failed to open %s: %s", path, strerror(-r))`.
+ * (%m is refused by -Wpedantic, so the cause is spelled out.) */
 int log_full(int level, int error, const struct log_fields *fields,
              const char *format, ...) __attribute__((format(printf, 4, 5)));
 int log_fullv(int level, int error, const struct log_fields *fields,
@@ -60,8 +60,8 @@ int log_fullv(int level, int error, const struct log_fields *fields,
 #define log_error_errno(e, ...)   log_full(LOG_ERR, (e), NULL, __VA_ARGS__)
 
 /* A line about one job: carries OTAD_JOB_ID= and OTAD_STAGE=. */
-#define log_job(level, job_id, stage, ...) \
-        log_full((level), 0, &(const struct log_fields){ .job_id = (job_id), .stage = (stage) }, __VA_ARGS__)
+#define log_job(level, job, stg, ...) \
+        log_full((level), 0, &(const struct log_fields){ .job_id = (job), .stage = (stg) }, __VA_ARGS__)
 /* A milestone: carries MESSAGE_ID= as well. */
-#define log_milestone(level, mid, job_id, stage, ...) \
-        log_full((level), 0, &(const struct log_fields){ .message_id = (mid), .job_id = (job_id), .stage = (stage) }, __VA_ARGS__)
+#define log_milestone(level, mid, job, stg, ...) \
+        log_full((level), 0, &(const struct log_fields){ .message_id = (mid), .job_id = (job), .stage = (stg) }, __VA_ARGS__)

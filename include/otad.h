@@ -26,6 +26,7 @@ struct otad {
         struct jobs *jobs;
         struct ota *ota;               /* afr_ota documents */
         struct custom_jobs *custom;    /* documents naming a configured handler */
+        char status[256];              /* last STATUS= sent to systemd */
 };
 
 /* One human line for `systemctl status` (sd_notify STATUS=), also logged at

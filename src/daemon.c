@@ -1,0 +1,139 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <systemd/sd-daemon.h>
+
+#include "config.h"
+#include "daemon.h"
+#include "log.h"
+#include "macro.h"
+
+void otad_set_status(struct otad *otad, const char *format, ...) {
+        char status[256];
+        va_list ap;
+
+        va_start(ap, format);
+        vsnprintf(status, sizeof(status), format, ap);
+        va_end(ap);
+        if (strcmp(status, otad->status) == 0)
+                return;
+        memcpy(otad->status, status, sizeof(status));
+        log_debug("Status: %s", status);
+        sd_notifyf(false, "STATUS=%s", status);
+}
+
+static int on_terminate(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        struct otad *otad = userdata;
+
+        log_milestone(LOG_INFO, OTAD_MID_STOPPING, NULL, NULL, "Received %s, stopping", strsignal((int) si->ssi_signo));
+        sd_notify(false, "STOPPING=1");
+        otad_set_status(otad, "stopping");
+        return sd_event_exit(sd_event_source_get_event(s), 0);
+}
+
+/* Reloading would mean swapping the broker, the targets or the slots under
+ * an update in flight; a restart is the one safe way to apply a new
+ * configuration, and systemd's Restart= makes that cheap. */
+static int on_hangup(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        log_notice("Received SIGHUP, ignoring: restart otad to apply a changed configuration");
+        return 0;
+}
+
+/* The state directory holds what must survive kill -9 and power cuts; it is
+ * private to otad. */
+static int make_state_directory(const char *path) {
+        _cleanup_free_ char *copy = strdup(path);
+
+        if (!copy)
+                return -ENOMEM;
+        for (char *p = copy + 1; *p; p++) {
+                if (*p != '/')
+                        continue;
+                *p = '\0';
+                if (mkdir(copy, 0755) < 0 && errno != EEXIST)
+                        return -errno;
+                *p = '/';
+        }
+        if (mkdir(copy, 0700) < 0 && errno != EEXIST)
+                return -errno;
+        return 0;
+}
+
+int otad_new(struct otad_config *config, struct otad **ret) {
+        struct otad *otad;
+        sigset_t mask;
+        int r;
+
+        otad = calloc(1, sizeof(*otad));
+        if (!otad)
+                return log_error_errno(-ENOMEM, "Out of memory");
+        otad->config = config;
+
+        r = make_state_directory(config->state.directory);
+        if (r < 0) {
+                log_error_errno(r, "Failed to create state directory %s: %s", config->state.directory, strerror(-r));
+                goto fail;
+        }
+
+        r = sd_event_default(&otad->event);
+        if (r < 0) {
+                log_error_errno(r, "Failed to create event loop: %s", strerror(-r));
+                goto fail;
+        }
+        /* sd-event needs the signals blocked to receive them through
+         * signalfd; SIGCHLD too, for handler and installer processes. */
+        sigemptyset(&mask);
+        sigaddset(&mask, SIGTERM);
+        sigaddset(&mask, SIGINT);
+        sigaddset(&mask, SIGHUP);
+        sigaddset(&mask, SIGCHLD);
+        sigprocmask(SIG_BLOCK, &mask, NULL);
+        r = sd_event_add_signal(otad->event, NULL, SIGTERM, on_terminate, otad);
+        if (r >= 0)
+                r = sd_event_add_signal(otad->event, NULL, SIGINT, on_terminate, otad);
+        if (r >= 0)
+                r = sd_event_add_signal(otad->event, NULL, SIGHUP, on_hangup, otad);
+        if (r < 0) {
+                log_error_errno(r, "Failed to add signal handlers: %s", strerror(-r));
+                goto fail;
+        }
+        /* Sends WATCHDOG=1 at half of WatchdogSec= from the loop itself: a
+         * stuck loop stops the pings and systemd restarts us. */
+        r = sd_event_set_watchdog(otad->event, true);
+        if (r < 0) {
+                log_error_errno(r, "Failed to enable the watchdog: %s", strerror(-r));
+                goto fail;
+        }
+
+        *ret = otad;
+        return 0;
+fail:
+        otad_free(otad);
+        return r;
+}
+
+int otad_run(struct otad *otad) {
+        int r;
+
+        log_milestone(LOG_INFO, OTAD_MID_STARTED, NULL, NULL, "otad %s started for thing %s",
+                      OTAD_VERSION, otad->config->mqtt.thing_name);
+        otad_set_status(otad, "starting");
+        sd_notify(false, "READY=1");
+
+        r = sd_event_loop(otad->event);
+        if (r < 0)
+                return log_error_errno(r, "Event loop failed: %s", strerror(-r));
+        return 0;
+}
+
+void otad_free(struct otad *otad) {
+        if (!otad)
+                return;
+        sd_event_unref(otad->event);
+        free(otad);
+}

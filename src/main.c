@@ -1,0 +1,90 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <getopt.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config.h"
+#include "daemon.h"
+#include "log.h"
+
+static void help(void) {
+        printf("Usage: otad [OPTIONS]\n"
+               "\n"
+               "Over-the-air update daemon for AWS IoT Jobs (see otad(8)).\n"
+               "\n"
+               "  -c, --config PATH   configuration file (default " OTAD_DEFAULT_CONFIG ")\n"
+               "      --check-config  validate the configuration and referenced files, then exit\n"
+               "  -v, --verbose       log at debug level, whatever [log] level says\n"
+               "      --version       print the version and exit\n"
+               "  -h, --help          show this help\n");
+}
+
+int main(int argc, char *argv[]) {
+        enum { ARG_CHECK_CONFIG = 0x100, ARG_VERSION };
+        static const struct option options[] = {
+                { "config", required_argument, NULL, 'c' },
+                { "check-config", no_argument, NULL, ARG_CHECK_CONFIG },
+                { "verbose", no_argument, NULL, 'v' },
+                { "version", no_argument, NULL, ARG_VERSION },
+                { "help", no_argument, NULL, 'h' },
+                { NULL, 0, NULL, 0 },
+        };
+        const char *config_path = OTAD_DEFAULT_CONFIG;
+        bool check_only = false, verbose = false;
+        struct otad_config *config = NULL;
+        struct otad *otad = NULL;
+        int c, r;
+
+        while ((c = getopt_long(argc, argv, "c:vh", options, NULL)) >= 0)
+                switch (c) {
+                case 'c':
+                        config_path = optarg;
+                        break;
+                case ARG_CHECK_CONFIG:
+                        check_only = true;
+                        break;
+                case 'v':
+                        verbose = true;
+                        break;
+                case ARG_VERSION:
+                        printf("otad %s\n", OTAD_VERSION);
+                        return EXIT_SUCCESS;
+                case 'h':
+                        help();
+                        return EXIT_SUCCESS;
+                default:
+                        return EXIT_FAILURE;
+                }
+        if (optind < argc) {
+                fprintf(stderr, "otad: unexpected argument '%s' (see otad --help)\n", argv[optind]);
+                return EXIT_FAILURE;
+        }
+
+        log_open();
+        if (verbose)
+                log_set_max_level(LOG_DEBUG);
+
+        r = config_load(config_path, &config);
+        if (r < 0)
+                return EXIT_FAILURE;
+        if (!verbose)
+                log_set_max_level(config->log.level);
+
+        if (check_only) {
+                r = config_check_files(config);
+                if (r >= 0)
+                        printf("%s: configuration OK\n", config_path);
+                config_free(config);
+                return r < 0 ? EXIT_FAILURE : EXIT_SUCCESS;
+        }
+
+        r = otad_new(config, &otad);
+        if (r >= 0)
+                r = otad_run(otad);
+        otad_free(otad);
+        config_free(config);
+        return r < 0 ? EXIT_FAILURE : EXIT_SUCCESS;
+}
