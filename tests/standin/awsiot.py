@@ -198,6 +198,7 @@ class AwsIot:
         except ValueError:
             request = None
         outcome, replies = self.jobs.handle(thing, api, job_id, request)
+        # Recorded before the answer goes out (see _on_streams).
         self.record.add_request(thing, "jobs/" + api, msg.topic, request)
         if api == "update":
             code = replies[0][1].get("code") if outcome == "rejected" else None
@@ -347,33 +348,34 @@ class AwsIot:
         base = "$aws/things/%s/streams/%s/" % (thing, stream_id)
         faults = self.faults(thing, stream_id)
         stream = self.streams.get(stream_id)
-        req = None
+        req, replies = {}, []        # replies: (topic, payload, block bytes)
         try:
             req = streams_mod.decode_request(fmt, msg.payload)
             if op == "describe":
                 if stream is None:
                     raise streams_mod.StreamError("ResourceNotFound",
                                                   "Stream not found", req.get("c"))
-                self._send(thing, base + "description/" + fmt,
-                           streams_mod.encode_description(fmt, req.get("c"), stream),
-                           faults.delay)
+                replies.append((base + "description/" + fmt,
+                                streams_mod.encode_description(fmt, req.get("c"), stream), 0))
             else:
                 blocks = streams_mod.select_blocks(stream, req)
                 size = req["l"]
                 nblocks = (len(stream.files[req["f"]]) + size - 1) // size
                 for b in faults.apply(blocks, nblocks):
-                    self._send(thing, base + "data/" + fmt,
-                               streams_mod.encode_block(fmt, req.get("c"), b),
-                               faults.delay, block_bytes=len(b.p))
-        except streams_mod.StreamError as err:
-            self._send(thing, base + "rejected/" + fmt,
-                       streams_mod.encode_rejected(fmt, err), faults.delay)
-            fields = dict(req or {}, rejected=err.code)
-        else:
+                    replies.append((base + "data/" + fmt,
+                                    streams_mod.encode_block(fmt, req.get("c"), b), len(b.p)))
             fields = dict(req)
+        except streams_mod.StreamError as err:
+            replies.append((base + "rejected/" + fmt,
+                            streams_mod.encode_rejected(fmt, err), 0))
+            fields = dict(req, rejected=err.code)
         if isinstance(fields.get("b"), bytes):
             fields["b"] = fields["b"].hex()
+        # Recorded before anything is sent, so a test that saw the answer
+        # also finds the request in the record.
         self.record.add_request(thing, "streams/" + op, msg.topic, fields)
+        for topic, payload, block_bytes in replies:
+            self._send(thing, topic, payload, faults.delay, block_bytes)
 
     # ---- knobs -------------------------------------------------------------
 

@@ -1,0 +1,275 @@
+#!/usr/bin/python3
+"""The stand-in's own tests: an independent device client (device.py, paho +
+hand-written requests) against the real TLS mosquitto, checked against the
+documented vectors of protocol.md §8 and the rules of §1-§4.
+
+Run: /usr/bin/python3 tests/standin/tap.py tests/standin/test_standin.py
+"""
+
+import base64
+import http.client
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import unittest
+import urllib.parse
+
+import cbor2
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from device import Device  # noqa: E402
+from harness import Stack, render_config, merge_sections  # noqa: E402
+from pki import verify_bytes  # noqa: E402
+
+PY = "/usr/bin/python3"
+
+
+def pattern(n, seed=0):
+    """Deterministic test bytes: block boundaries are visible in the data."""
+    return bytes((i * 7 + seed + (i >> 12)) & 0xFF for i in range(n))
+
+
+class StackTest(unittest.TestCase):
+    """One Stack (broker + stand-in) per test class, torn down even on failure."""
+
+    things = ("thing-A", "thing-B")
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = Stack(things=cls.things)
+        cls.stack.__enter__()
+        cls.service = cls.stack.service
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.stack.close()
+
+    def device(self, thing, subscribe=()):
+        d = Device(self.stack, thing)
+        self.assertTrue(d.connect(), "%s could not connect" % thing)
+        self.addCleanup(d.close)
+        for f in subscribe:
+            d.subscribe(f)
+        return d
+
+    def fresh_thing(self):
+        """A thing of its own for this test, so job queues don't mix."""
+        name = "t-" + self.id().rsplit(".", 1)[-1].replace("_", "-")[:60]
+        self.stack.add_thing(name)
+        return name
+
+
+# ---------------------------------------------------------------------------
+class StreamTests(StackTest):
+    """GetStream / DescribeStream (§3) and the vectors of §8.3-§8.5."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.file0 = pattern(10000)             # the §8.6 transcript's file
+        cls.file1 = pattern(40 * 4096, 1)      # 40 blocks of 4 KiB
+        cls.small = pattern(64 * 256, 2)       # 64 blocks of 256 B
+        cls.service.create_stream("AFR_OTA-1234", {0: cls.file0, 1: cls.file1,
+                                                   2: cls.small})
+        cls.service.create_stream("tiny", {0: b"\0" * 512 + bytes.fromhex("deadbeef")})
+        cls.service.create_stream("big", {0: pattern(1 << 20, 3)})
+
+    def setUp(self):
+        # What a device subscribes to: answers, not its own requests.
+        self.dev = self.device("thing-A", ["$aws/things/thing-A/streams/+/data/+",
+                                           "$aws/things/thing-A/streams/+/rejected/+",
+                                           "$aws/things/thing-A/streams/+/description/+"])
+        self.base = "$aws/things/thing-A/streams/"
+        self.fence = 0
+
+    def get(self, stream, payload, fmt="cbor", timeout=5):
+        """Sends one GetStream request and returns every answer to it (data
+        and rejected payloads, in arrival order). A DescribeStream sent right
+        after is the fence: the stand-in answers one thing in order."""
+        self.dev.clear()
+        self.fence += 1
+        token = "fence-%d" % self.fence
+        self.dev.publish(self.base + "%s/get/%s" % (stream, fmt), payload, qos=0)
+        self.dev.publish(self.base + "%s/describe/cbor" % stream,
+                         bytes.fromhex("a16163") + bytes([0x60 + len(token)]) + token.encode(), qos=0)
+        fence = "%s%s/+/cbor" % (self.base, stream)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for _, topic, payload in self.dev.received(fence):
+                if topic.endswith(("description/cbor", "rejected/cbor")) and \
+                        cbor2.loads(payload).get("c") == token:
+                    answers = self.dev.received(self.base + stream + "/+/" + fmt)
+                    return [p for _, t, p in answers if p is not payload]
+            time.sleep(0.01)
+        self.fail("no answer to the fence within %.0f s" % timeout)
+
+    def blocks(self, raw_messages):
+        return [cbor2.loads(m) for m in raw_messages]
+
+    def test_golden_getstream_request_8_3_is_answered(self):
+        # c="ThisIsAClientToken", f=1, l=4096, o=0, b=aaaaaaaa, n=4: the
+        # bitmap asks for the odd blocks 1..31, n caps the answer at 4.
+        req = bytes.fromhex("a661637254686973497341436c69656e74546f6b656e616601"
+                            "616c191000616f00616244aaaaaaaa616e04")
+        got = self.blocks(self.get("AFR_OTA-1234", req))
+        self.assertEqual([b["i"] for b in got], [1, 3, 5, 7])
+        for b in got:
+            self.assertEqual(b["c"], "ThisIsAClientToken")
+            self.assertEqual((b["f"], b["l"]), (1, 4096))
+            self.assertEqual(b["p"], self.file1[b["i"] * 4096:(b["i"] + 1) * 4096])
+
+    def test_reference_agent_request_gets_whole_file_as_indefinite_maps(self):
+        # What the agent actually sends for a fresh 10 000-byte file (§8.3).
+        req = bytes.fromhex("a6616363726479616600616c191000616f0061624107616e04")
+        raw = self.get("AFR_OTA-1234", req)
+        self.assertEqual(len(raw), 3)
+        by_index = {cbor2.loads(m)["i"]: m for m in raw}
+        self.assertEqual(sorted(by_index), [0, 1, 2])
+        # §8.4: block 0 of 4096 B with c:"rdy" is 4120 bytes, 0xBF ... 0xFF.
+        m0 = by_index[0]
+        self.assertEqual(len(m0), 4120)
+        self.assertEqual(m0[:23], bytes.fromhex(
+            "bf616363726479616600616900616c1910006170591000"))
+        self.assertEqual(m0[23:-1], self.file0[:4096])
+        self.assertEqual(m0[-1:], b"\xff")
+        last = by_index[2]           # l = 10000 - 2*4096 = 1808 = 0x0710
+        self.assertEqual(last[:23], bytes.fromhex(
+            "bf616363726479616600616902616c1907106170590710"))
+        self.assertEqual(cbor2.loads(last)["p"], self.file0[8192:])
+
+    def test_indefinite_map_vector_8_4(self):
+        # o=2 with 256-byte blocks lands on the 4 bytes de ad be ef.
+        req = cbor2.dumps({"c": "rdy", "f": 0, "l": 256, "o": 2, "n": 1})
+        raw = self.get("tiny", req)
+        self.assertEqual(raw[0].hex(), "bf616363726479616600616902616c04617044deadbeefff")
+
+    def test_bitmap_example_o20_returns_exactly_20_21_24_43(self):
+        req = bytes.fromhex("a5616363726479616602616c190100616f14616243130080")
+        got = self.blocks(self.get("AFR_OTA-1234", req))
+        self.assertEqual([b["i"] for b in got], [20, 21, 24, 43])
+        for b in got:
+            self.assertEqual(b["p"], self.small[b["i"] * 256:(b["i"] + 1) * 256])
+
+    def test_reject_8_5_text_bitmap_is_invalid_cbor_with_both_spellings(self):
+        # The captured device request: 5-pair map whose b is a text string.
+        req = (bytes.fromhex("a5616600616c191000616f006162") + b"\x72"
+               + b"0xFFFFFFFFFFFFFF7F" + bytes.fromhex("616e01"))
+        raw = self.get("AFR_OTA-1234", req)
+        self.assertEqual(raw[0].hex(),
+                         "bf64636f64656b496e76616c696443626f72616f6b496e76616c6964"
+                         "43626f72676d65737361676574496e76616c69642043424f52206d65"
+                         "7373616765616d74496e76616c69642043424f52206d657373616765ff")
+
+    def rejected(self, stream, payload, fmt="cbor"):
+        got = self.get(stream, payload, fmt)
+        self.assertEqual(len(got), 1, "expected one rejected message, got %r" % got)
+        self.assertEqual(self.dev.received(self.base + stream + "/data/+"), [])
+        return cbor2.loads(got[0]) if fmt == "cbor" else json.loads(got[0])
+
+    def test_block_size_out_of_bounds(self):
+        for size in (255, 131073):
+            r = self.rejected("AFR_OTA-1234", cbor2.dumps({"c": "rdy", "f": 0, "l": size, "n": 1}))
+            self.assertEqual((r["o"], r["code"]), ("BlockSizeOutOfBounds",) * 2)
+            self.assertEqual((r["c"], r["clientToken"]), ("rdy", "rdy"))
+            self.assertEqual(r["m"], r["message"])
+        ok = self.get("AFR_OTA-1234", cbor2.dumps({"f": 0, "l": 256, "n": 1}))
+        self.assertEqual(cbor2.loads(ok[0])["l"], 256)
+
+    def test_other_rejections(self):
+        cases = [
+            ("AFR_OTA-1234", {"c": "x", "f": 9, "l": 4096}, "ResourceNotFound"),
+            ("no-such-stream", {"c": "x", "f": 0, "l": 4096}, "ResourceNotFound"),
+            ("AFR_OTA-1234", {"c": "x", "f": 0, "l": 4096, "o": 3}, "OffsetOutOfBounds"),
+            ("AFR_OTA-1234", {"c": "x", "f": 0, "l": 4096, "b": b"\xff" * 12288},
+             "BlockBitmapLimitExceeded"),
+            ("AFR_OTA-1234", {"c": "x", "f": 0, "l": 4096, "b": b"\x0f"}, "InvalidRequest"),
+            ("AFR_OTA-1234", {"c": "x", "f": 0, "l": 4096, "s": 7}, "VersionMismatch"),
+        ]
+        for stream, req, code in cases:
+            with self.subTest(code=code, req=str(req)[:60]):
+                r = self.rejected(stream, cbor2.dumps(req))
+                self.assertEqual((r["o"], r["code"], r["c"]), (code, code, "x"))
+        # An over-long token is itself invalid: no c in the answer (§3.6).
+        r = self.rejected("AFR_OTA-1234", cbor2.dumps({"c": "x" * 65, "f": 0, "l": 4096}))
+        self.assertEqual(r["o"], "InvalidRequest")
+        self.assertNotIn("c", r)
+
+    def test_json_rejection_has_both_spellings(self):
+        r = self.rejected("no-such-stream", json.dumps({"c": "rdy", "f": 0, "l": 4096}), "json")
+        self.assertEqual(r, {"clientToken": "rdy", "c": "rdy", "code": "ResourceNotFound",
+                             "o": "ResourceNotFound", "message": r["m"], "m": r["m"]})
+
+    def test_at_most_128_kib_per_request(self):
+        req = cbor2.dumps({"c": "rdy", "f": 0, "l": 4096, "o": 0, "n": 64})
+        got = self.blocks(self.get("big", req))
+        self.assertEqual([b["i"] for b in got], list(range(32)))
+        self.assertEqual(sum(len(b["p"]) for b in got), 128 * 1024)
+
+    def test_json_get_and_describe(self):
+        got = self.get("AFR_OTA-1234", json.dumps(
+            {"c": "j", "f": 2, "l": 256, "o": 20, "b": "0x130080"}), fmt="json")
+        blocks = [json.loads(m) for m in got]
+        self.assertEqual([b["i"] for b in blocks], [20, 21, 24, 43])
+        self.assertEqual(base64.b64decode(blocks[0]["p"]), self.small[20 * 256:21 * 256])
+        self.dev.clear()
+        self.dev.publish(self.base + "AFR_OTA-1234/describe/cbor", cbor2.dumps({"c": "d"}), 0)
+        desc = self.dev.wait(self.base + "AFR_OTA-1234/description/cbor")
+        self.assertEqual(desc[0][:1], b"\xbf")
+        d = cbor2.loads(desc[0])
+        self.assertEqual(d["c"], "d")
+        self.assertEqual(d["r"], [{"f": 0, "z": 10000}, {"f": 1, "z": len(self.file1)},
+                                  {"f": 2, "z": len(self.small)}])
+
+    def test_fault_knobs(self):
+        req = cbor2.dumps({"c": "rdy", "f": 0, "l": 4096, "o": 0, "n": 4})
+        thing = "thing-A"
+        try:
+            self.service.set_faults(thing, "big", duplicate=1.0)
+            self.assertEqual([b["i"] for b in self.blocks(self.get("big", req))],
+                             [0, 0, 1, 1, 2, 2, 3, 3])
+            self.service.set_faults(thing, "big", reorder=1.0)
+            self.assertEqual([b["i"] for b in self.blocks(self.get("big", req))],
+                             [1, 0, 3, 2])
+            self.service.set_faults(thing, "big", drop_once={1, 2})
+            self.assertEqual([b["i"] for b in self.blocks(self.get("big", req))], [0, 3])
+            self.assertEqual(len(self.get("big", req)), 4)   # dropped once only
+            self.service.set_faults(thing, "big", corrupt_size=1.0, bad_index=1.0,
+                                    wrong_file=1.0)
+            for b in self.blocks(self.get("big", req)):
+                self.assertNotEqual(b["l"], len(b["p"]))
+                self.assertGreaterEqual(b["i"], 256)
+                self.assertEqual(b["f"], 1)
+            self.service.set_faults(thing, "big", drop=0.5, seed=7)
+            first = [b["i"] for b in self.blocks(self.get("big", req))]
+            self.service.set_faults(thing, "big", drop=0.5, seed=7)
+            again = [b["i"] for b in self.blocks(self.get("big", req))]
+            self.assertEqual(first, again, "a seed must replay the same drops")
+            self.assertLess(len(first), 4)
+            self.service.set_faults(thing, "big", delay=0.8)
+            t0 = time.monotonic()
+            self.get("big", req)
+            self.assertGreaterEqual(time.monotonic() - t0, 0.8)
+        finally:
+            self.service.set_faults(thing, "big")
+
+    def test_record_has_decoded_requests_and_bytes(self):
+        before = self.service.record.bytes_served("thing-A", "mqtt")
+        self.get("AFR_OTA-1234", bytes.fromhex("a6616363726479616600616c191000616f0061624107616e04"))
+        reqs = self.service.record.requests("thing-A", "streams/get")
+        self.assertEqual(reqs[-1]["fields"], {"c": "rdy", "f": 0, "l": 4096, "o": 0,
+                                              "b": "07", "n": 4})
+        self.assertTrue(self.service.record.wait_until(
+            lambda r: r.bytes_served("thing-A", "mqtt") - before == 10000, 2))
+
+    def test_24mb_file_limit(self):
+        with self.assertRaises(ValueError):
+            self.service.create_stream("too-big", {0: bytes(24 * 1024 * 1024 + 1)})
