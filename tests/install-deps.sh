@@ -1,0 +1,24 @@
+#!/bin/sh
+# Installs, from Debian 12's archive, everything otad needs to build, to run
+# its tests and to run its demo. Idempotent; needs root.
+set -eu
+
+packages="
+  meson ninja-build pkg-config gcc libc6-dev
+  libmosquitto-dev libssl-dev libcjson-dev libcbor-dev libsystemd-dev
+  libcurl4-openssl-dev libubootenv-dev
+  mosquitto mosquitto-clients openssl curl ca-certificates
+  python3 python3-paho-mqtt python3-cbor2 python3-cryptography
+  nginx-light grub-common libubootenv-tool u-boot-tools
+  fdisk util-linux e2fsprogs procps iproute2 systemd man-db groff-base
+"
+
+missing=
+for p in $packages; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+        echo "Installing:$missing"
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+fi

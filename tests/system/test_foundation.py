@@ -1,0 +1,223 @@
+#!/usr/bin/python3
+"""What a user sees of otad before any job: its command line, its
+configuration checks, its sd_notify conversation with systemd, its unit file,
+its man pages and what `meson install` puts where."""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import unittest
+
+SOURCE = os.environ.get("OTAD_SOURCE_ROOT", os.path.join(os.path.dirname(__file__), "..", ".."))
+BUILD = os.environ.get("OTAD_BUILD_ROOT", os.path.join(SOURCE, "build"))
+OTAD = os.environ.get("OTAD_BIN", os.path.join(BUILD, "src", "otad"))
+
+
+def run(argv, **kw):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, **kw)
+
+
+class Workdir(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="otad-foundation-")
+
+    def tearDown(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def write(self, name, text, mode=0o644):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+        return path
+
+    def valid_config(self, extra=""):
+        for name in ("ca.crt", "gw.crt"):
+            self.write(name, "-----BEGIN CERTIFICATE-----\n")
+        self.write("gw.key", "-----BEGIN PRIVATE KEY-----\n", 0o600)
+        return self.write("otad.conf", f"""[mqtt]
+endpoint = 127.0.0.1
+port = 1
+thing_name = gw-test
+ca_file = {self.dir}/ca.crt
+cert_file = {self.dir}/gw.crt
+key_file = {self.dir}/gw.key
+reconnect_min = 60
+reconnect_max = 60
+[state]
+directory = {self.dir}/state
+{extra}""")
+
+
+class CommandLine(Workdir):
+    def test_version(self):
+        r = run([OTAD, "--version"])
+        self.assertEqual(r.returncode, 0)
+        self.assertRegex(r.stdout, r"^otad \d+\.\d+\.\d+\n$")
+
+    def test_unknown_option_fails(self):
+        r = run([OTAD, "--no-such-option"])
+        self.assertEqual(r.returncode, 1)
+
+    def test_example_config_names_missing_certificates(self):
+        r = run([OTAD, "--check-config", "-c", os.path.join(SOURCE, "etc", "otad.conf")])
+        self.assertEqual(r.returncode, 1)
+        for path in ("/etc/otad/AmazonRootCA1.pem", "/etc/otad/device.pem.crt", "/etc/otad/private.pem.key"):
+            self.assertIn(f"{path}: No such file or directory", r.stderr)
+
+    def test_typo_names_file_and_line(self):
+        example = open(os.path.join(SOURCE, "etc", "otad.conf")).read()
+        line = example.splitlines().index("thing_name = gateway-0001") + 1
+        path = self.write("typo.conf", example.replace("thing_name = gateway-0001", "thing_nmae = gateway-0001"))
+        r = run([OTAD, "-c", path])
+        self.assertEqual(r.returncode, 1)
+        self.assertIn(f"{path}:{line}: Unknown key 'thing_nmae' in section [mqtt]", r.stderr)
+
+    def test_valid_config_checks_ok(self):
+        path = self.valid_config()
+        r = run([OTAD, "--check-config", "-c", path])
+        self.assertEqual((r.returncode, r.stdout), (0, f"{path}: configuration OK\n"), r.stderr)
+
+    def test_readable_key_is_refused(self):
+        path = self.valid_config()
+        os.chmod(os.path.join(self.dir, "gw.key"), 0o644)
+        r = run([OTAD, "--check-config", "-c", path])
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("is accessible by group or others (mode 0644)", r.stderr)
+
+
+class NotifySocket(Workdir):
+    """systemd's side of Type=notify, played by a datagram socket we bind."""
+
+    def start(self, watchdog_usec=400000):
+        self.sock_path = os.path.join(self.dir, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.sock_path)
+        self.sock.settimeout(0.2)
+        env = dict(os.environ, NOTIFY_SOCKET=self.sock_path, WATCHDOG_USEC=str(watchdog_usec))
+        env.pop("JOURNAL_STREAM", None)
+        self.log = open(os.path.join(self.dir, "otad.log"), "w+")
+        self.proc = subprocess.Popen([OTAD, "-c", self.valid_config()], env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.messages = []
+
+    def tearDown(self):
+        if getattr(self, "proc", None) and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if getattr(self, "sock", None):
+            self.sock.close()
+        super().tearDown()
+
+    def collect(self, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(4096).decode()
+            except socket.timeout:
+                continue
+            self.messages.append((time.monotonic(), data))
+
+    def received(self, prefix):
+        return [(t, m) for t, m in self.messages for line in m.split("\n") if line.startswith(prefix)]
+
+    def test_ready_status_watchdog_and_stop(self):
+        self.start()
+        self.collect(1.5)
+        self.assertTrue(self.received("READY=1"), self.messages)
+        self.assertTrue(self.received("STATUS="), self.messages)
+        pings = self.received("WATCHDOG=1")
+        # sd-event pings at half of WATCHDOG_USEC (0.4 s): about 6 in 1.5 s.
+        self.assertGreaterEqual(len(pings), 3, self.messages)
+        self.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(self.proc.wait(timeout=10), 0)
+        self.collect(0.3)
+        self.assertTrue(self.received("STOPPING=1"), self.messages)
+
+    def test_sighup_is_ignored_and_logged(self):
+        self.start()
+        self.collect(0.5)
+        self.proc.send_signal(signal.SIGHUP)
+        self.collect(0.5)
+        self.assertIsNone(self.proc.poll(), "otad exited on SIGHUP")
+        self.proc.send_signal(signal.SIGINT)
+        self.assertEqual(self.proc.wait(timeout=10), 0)
+        self.log.seek(0)
+        self.assertIn("Received SIGHUP, ignoring: restart otad to apply a changed configuration", self.log.read())
+
+
+class UnitFile(Workdir):
+    def test_systemd_analyze_verify(self):
+        if not shutil.which("systemd-analyze"):
+            self.skipTest("systemd-analyze not installed")
+        # The shipped unit names /usr/sbin/otad; verify the same text with the
+        # binary under test, and let man(1) find our pages for Documentation=.
+        unit = open(os.path.join(SOURCE, "systemd", "otad.service")).read()
+        self.assertIn("ExecStart=/usr/sbin/otad --config /etc/otad.conf", unit)
+        path = self.write("otad.service", unit.replace("/usr/sbin/otad", os.path.abspath(OTAD)))
+        for section, page in (("8", "otad.8"), ("5", "otad.conf.5")):
+            os.makedirs(os.path.join(self.dir, "man", "man" + section), exist_ok=True)
+            shutil.copy(os.path.join(SOURCE, "man", page), os.path.join(self.dir, "man", "man" + section))
+        r = run(["systemd-analyze", "verify", path], env=dict(os.environ, MANPATH=os.path.join(self.dir, "man")))
+        self.assertEqual((r.returncode, r.stdout + r.stderr), (0, ""))
+
+    def test_unit_is_notify_with_watchdog(self):
+        unit = open(os.path.join(SOURCE, "systemd", "otad.service")).read()
+        for line in ("Type=notify", "NotifyAccess=main", "Restart=on-failure", "ProtectSystem=strict",
+                     "ReadWritePaths=/var/lib/otad", "SystemCallFilter=@system-service", "NoNewPrivileges=yes"):
+            self.assertIn(line + "\n", unit)
+        self.assertRegex(unit, r"\nWatchdogSec=\d+s\n")
+
+
+def config_table_keys():
+    """(section, key) of every entry in config.c's table."""
+    text = open(os.path.join(SOURCE, "src", "config.c")).read()
+    return set(re.findall(r'^\s+(?:STR|REQ|INT|BOOL|ENUM|\{)\s*\(?\s*"([a-z]+)",\s*"([a-z_]+)"', text, re.M))
+
+
+class Documentation(unittest.TestCase):
+    def render(self, page):
+        r = run(["man", "-l", os.path.join(SOURCE, "man", page)], env=dict(os.environ, MANWIDTH="200"))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return r.stdout
+
+    def test_pages_render(self):
+        self.assertIn("over-the-air update daemon", self.render("otad.8"))
+        self.assertIn("configuration of the otad", self.render("otad.conf.5"))
+
+    def test_every_key_is_in_the_example_and_the_man_page(self):
+        keys = config_table_keys()
+        self.assertGreater(len(keys), 40)
+        example = open(os.path.join(SOURCE, "etc", "otad.conf")).read()
+        page = self.render("otad.conf.5")
+        for section, key in sorted(keys):
+            self.assertRegex(example, rf"(?m)^#?{key} =", f"[{section}] {key} missing from etc/otad.conf")
+            self.assertRegex(page, rf"\b{key}\b", f"[{section}] {key} missing from otad.conf(5)")
+
+    def test_every_example_key_is_known(self):
+        keys = {key for _, key in config_table_keys()}
+        example = open(os.path.join(SOURCE, "etc", "otad.conf")).read()
+        for key in re.findall(r"(?m)^#?([a-z_]+) =", example):
+            self.assertIn(key, keys, f"etc/otad.conf documents unknown key {key}")
+
+
+class Install(Workdir):
+    def test_meson_install_puts_everything_in_place(self):
+        dest = os.path.join(self.dir, "dest")
+        r = run(["meson", "install", "-C", BUILD, "--destdir", dest, "--quiet"])
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        for path in ("usr/sbin/otad", "usr/share/man/man8/otad.8", "usr/share/man/man5/otad.conf.5",
+                     "usr/share/doc/otad/examples/otad.conf"):
+            self.assertTrue(os.path.isfile(os.path.join(dest, path)), path)
+        units = [os.path.join(root, f) for root, _, files in os.walk(dest) for f in files]
+        self.assertTrue(any(u.endswith("systemd/system/otad.service") for u in units), units)
+        self.assertTrue(any(u.endswith("tmpfiles.d/otad.conf") for u in units), units)
+
+
+if __name__ == "__main__":
+    unittest.main()
