@@ -104,6 +104,7 @@ struct otad_config {
                 int64_t http_low_speed_limit; /* bytes/s */
                 int64_t http_low_speed_time;  /* seconds below the limit before retrying */
                 int64_t http_retries;
+                char *http_ca_file;           /* CA bundle for presigned HTTPS; empty: system default */
         } ota;
 
         struct {
