@@ -225,6 +225,10 @@ class AwsIot:
     def job_execution(self, thing, job_id):
         return self.jobs.execution(thing, job_id)
 
+    def job_document(self, thing, job_id):
+        """The document as delivered now (OTA jobs: with a fresh URL)."""
+        return self.jobs.document(thing, job_id)
+
     def wait_for_status(self, thing, job_id, statuses, timeout=30):
         if isinstance(statuses, str):
             statuses = {statuses}

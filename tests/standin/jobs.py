@@ -162,6 +162,11 @@ class Jobs:
         with self._lock:
             return self._get(thing, job_id).full(include_document=False)
 
+    def document(self, thing, job_id):
+        """The job document as the next delivery would carry it."""
+        with self._lock:
+            return self._get(thing, job_id).render_document()
+
     def wait_for_status(self, thing, job_id, statuses, timeout):
         deadline = time.monotonic() + timeout
         with self._lock:

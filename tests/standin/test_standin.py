@@ -273,3 +273,309 @@ class StreamTests(StackTest):
     def test_24mb_file_limit(self):
         with self.assertRaises(ValueError):
             self.service.create_stream("too-big", {0: bytes(24 * 1024 * 1024 + 1)})
+
+
+# ---------------------------------------------------------------------------
+class JobsTests(StackTest):
+    """The Jobs MQTT API (§1); every test uses a thing of its own."""
+
+    def setUp(self):
+        self.thing = self.fresh_thing()
+        self.jobs = "$aws/things/%s/jobs/" % self.thing
+        self.dev = self.device(self.thing, [self.jobs + "notify-next",
+                                            self.jobs + "+/accepted",
+                                            self.jobs + "+/rejected",
+                                            self.jobs + "+/+/accepted",
+                                            self.jobs + "+/+/rejected"])
+
+    def call(self, suffix, body):
+        """Publishes a Jobs request; returns ('accepted'|'rejected', reply)."""
+        self.dev.clear()
+        self.dev.publish(self.jobs + suffix, json.dumps(body))
+        got = self.dev.wait(self.jobs + suffix + "/+")
+        self.assertTrue(got, "no reply to " + suffix)
+        topic = self.dev.received(self.jobs + suffix + "/+")[0][1]
+        return topic.rsplit("/", 1)[1], json.loads(got[0])
+
+    def update(self, job_id, **body):
+        return self.call(job_id + "/update", body)
+
+    def notify_next(self, count=1, timeout=5):
+        return [json.loads(p) for p in self.dev.wait(self.jobs + "notify-next", count, timeout)]
+
+    def test_next_get_on_empty_queue_has_no_execution(self):
+        outcome, reply = self.call("$next/get", {"clientToken": ":" + self.thing})
+        self.assertEqual(outcome, "accepted")
+        self.assertEqual(set(reply), {"clientToken", "timestamp"})
+        self.assertEqual(reply["clientToken"], ":" + self.thing)
+
+    def test_notify_next_on_queueing_and_when_queue_empties(self):
+        self.service.queue_job(self.thing, "job-1", {"operation": "demo"})
+        n = self.notify_next()[0]
+        self.assertNotIn("clientToken", n)
+        e = n["execution"]
+        for key in ("jobId", "thingName", "jobDocument", "status", "queuedAt",
+                    "lastUpdatedAt", "versionNumber", "executionNumber"):
+            self.assertIn(key, e)
+        self.assertEqual((e["jobId"], e["thingName"], e["status"], e["versionNumber"]),
+                         ("job-1", self.thing, "QUEUED", 1))
+        self.assertEqual(e["jobDocument"], {"operation": "demo"})
+        self.dev.clear()
+        self.assertEqual(self.update("job-1", status="SUCCEEDED")[0], "accepted")
+        n = self.notify_next()[0]
+        self.assertEqual(set(n), {"timestamp"})
+
+    def test_status_transitions(self):
+        self.service.queue_job(self.thing, "job-1", {"x": 1})
+        outcome, reply = self.update("job-1", status="IN_PROGRESS", clientToken="t1",
+                                     statusDetails={"receive": "1/3"},
+                                     includeJobExecutionState=True)
+        self.assertEqual(outcome, "accepted")
+        self.assertEqual(reply["clientToken"], "t1")
+        self.assertEqual(reply["executionState"], {"status": "IN_PROGRESS",
+                                                   "statusDetails": {"receive": "1/3"},
+                                                   "versionNumber": 2})
+        outcome, reply = self.update("job-1", status="REJECTED", clientToken="t2")
+        self.assertEqual(outcome, "rejected")
+        self.assertEqual(reply["code"], "InvalidStateTransition")
+        self.assertEqual(reply["clientToken"], "t2")
+        self.assertEqual(reply["executionState"]["status"], "IN_PROGRESS")
+        self.assertIn("message", reply)
+        self.assertIn("timestamp", reply)
+        self.assertEqual(self.update("job-1", status="SUCCEEDED")[0], "accepted")
+        outcome, reply = self.update("job-1", status="IN_PROGRESS")
+        self.assertEqual((outcome, reply["code"]), ("rejected", "InvalidStateTransition"))
+        self.assertEqual(reply["executionState"]["status"], "SUCCEEDED")
+        self.assertEqual(self.service.job_status(self.thing, "job-1"), "SUCCEEDED")
+        # QUEUED -> REJECTED is what DC does with an invalid document.
+        self.service.queue_job(self.thing, "job-2", {"x": 2})
+        self.assertEqual(self.update("job-2", status="REJECTED")[0], "accepted")
+        recorded = self.service.record.status_updates(self.thing, "job-1")
+        self.assertEqual([(u["status"], u["outcome"], u["code"]) for u in recorded],
+                         [("IN_PROGRESS", "accepted", None),
+                          ("REJECTED", "rejected", "InvalidStateTransition"),
+                          ("SUCCEEDED", "accepted", None),
+                          ("IN_PROGRESS", "rejected", "InvalidStateTransition")])
+        self.assertEqual(recorded[0]["statusDetails"], {"receive": "1/3"})
+
+    def test_version_mismatch_and_expected_version_forms(self):
+        self.service.queue_job(self.thing, "job-1", {"x": 1})
+        outcome, reply = self.update("job-1", status="IN_PROGRESS", expectedVersion=5)
+        self.assertEqual((outcome, reply["code"]), ("rejected", "VersionMismatch"))
+        self.assertEqual(reply["executionState"]["versionNumber"], 1)
+        # Jobs-lib quotes the number (§1.3).
+        self.assertEqual(self.update("job-1", status="IN_PROGRESS", expectedVersion="1")[0],
+                         "accepted")
+        self.assertEqual(self.update("job-1", status="IN_PROGRESS", expectedVersion=2)[0],
+                         "accepted")
+        self.assertEqual(self.service.job_execution(self.thing, "job-1")["versionNumber"], 3)
+
+    def test_status_details_validation(self):
+        self.service.queue_job(self.thing, "job-1", {"x": 1})
+        bad = [{"k%d" % i: "v" for i in range(11)}, {"bad key": "v"}, {"k": ""},
+               {"k": "x" * 1025}, {"k": "a\nb"}, {"k" * 129: "v"}, {"k": 5}]
+        for details in bad:
+            with self.subTest(details=str(details)[:40]):
+                outcome, reply = self.update("job-1", status="IN_PROGRESS",
+                                             statusDetails=details)
+                self.assertEqual((outcome, reply["code"]), ("rejected", "InvalidRequest"))
+        good = {"k%d" % i: "v" for i in range(10)}
+        good["k0"] = "x" * 1024
+        good["self_test:ready-1_x"] = good.pop("k9")
+        self.assertEqual(self.update("job-1", status="IN_PROGRESS",
+                                     statusDetails=good)[0], "accepted")
+        outcome, reply = self.update("job-1", status="BOGUS")
+        self.assertEqual((outcome, reply["code"]), ("rejected", "InvalidRequest"))
+        self.dev.clear()
+        self.dev.publish(self.jobs + "job-1/update", b"not json")
+        reply = json.loads(self.dev.wait(self.jobs + "job-1/update/rejected")[0])
+        self.assertEqual(reply["code"], "InvalidJson")
+
+    def test_cancel_gives_notify_next_without_the_job(self):
+        self.service.queue_job(self.thing, "job-1", {"x": 1})
+        self.service.queue_job(self.thing, "job-2", {"x": 2})
+        self.assertEqual(self.notify_next()[0]["execution"]["jobId"], "job-1")
+        self.update("job-1", status="IN_PROGRESS")
+        self.dev.clear()
+        self.service.cancel_job(self.thing, "job-1")
+        self.assertEqual(self.notify_next()[0]["execution"]["jobId"], "job-2")
+        self.assertEqual(self.service.job_status(self.thing, "job-1"), "CANCELED")
+        outcome, reply = self.update("job-1", status="SUCCEEDED")
+        self.assertEqual((outcome, reply["code"]), ("rejected", "InvalidStateTransition"))
+
+    def test_several_jobs_in_order_and_notify_only_when_next_changes(self):
+        for j in ("job-1", "job-2", "job-3"):
+            self.service.queue_job(self.thing, j, {"n": j})
+        # Queueing behind the first job does not change which job is next.
+        self.assertEqual([n["execution"]["jobId"] for n in self.notify_next(2, 1)], ["job-1"])
+        self.dev.clear()
+        self.update("job-2", status="IN_PROGRESS")    # IN_PROGRESS goes first
+        self.assertEqual(self.notify_next()[0]["execution"]["jobId"], "job-2")
+        outcome, reply = self.call("get", {"clientToken": "g"})
+        self.assertEqual([j["jobId"] for j in reply["inProgressJobs"]], ["job-2"])
+        self.assertEqual([j["jobId"] for j in reply["queuedJobs"]], ["job-1", "job-3"])
+        self.dev.clear()
+        self.update("job-2", status="IN_PROGRESS", statusDetails={"receive": "2/3"})
+        outcome, reply = self.call("start-next", {"clientToken": "s"})
+        self.assertEqual(reply["execution"]["jobId"], "job-2")   # already started
+        self.assertEqual(reply["execution"]["statusDetails"], {"receive": "2/3"})
+        self.assertEqual(self.dev.received(self.jobs + "notify-next"), [],
+                         "a status change of the current job must not notify")
+        self.update("job-2", status="SUCCEEDED")
+        self.assertEqual(self.notify_next()[0]["execution"]["jobId"], "job-1")
+        outcome, reply = self.call("start-next", {"statusDetails": {"a": "b"}})
+        e = reply["execution"]
+        self.assertEqual((e["jobId"], e["status"], e["statusDetails"]),
+                         ("job-1", "IN_PROGRESS", {"a": "b"}))
+        self.assertIn("startedAt", e)
+        outcome, reply = self.call("job-1/get", {"includeJobDocument": False})
+        self.assertNotIn("jobDocument", reply["execution"])
+        self.assertEqual(self.call("job-2/get", {})[1]["code"], "TerminalStateReached")
+        self.assertEqual(self.call("nope/get", {})[1]["code"], "ResourceNotFound")
+
+    def test_wait_for_status_from_the_service_side(self):
+        self.service.queue_job(self.thing, "job-1", {"x": 1})
+        self.update("job-1", status="FAILED", statusDetails={"reason": "aborted: 0x0000000d"})
+        self.assertEqual(self.service.wait_terminal(self.thing, "job-1", 2), "FAILED")
+        with self.assertRaises(TimeoutError):
+            self.service.queue_job(self.thing, "job-2", {"x": 2})
+            self.service.wait_terminal(self.thing, "job-2", 0.2)
+
+
+# ---------------------------------------------------------------------------
+class OtaAndHttpsTests(StackTest):
+    """afr_ota documents (§2) and the presigned HTTPS server (§4)."""
+
+    def setUp(self):
+        self.thing = self.fresh_thing()
+        self.jobs = "$aws/things/%s/jobs/" % self.thing
+        self.dev = self.device(self.thing, [self.jobs + "$next/get/accepted"])
+        self.ctx = ssl.create_default_context(cafile=self.stack.pki.ca_cert)
+
+    def next_document(self):
+        self.dev.clear()
+        self.dev.publish(self.jobs + "$next/get", json.dumps({"clientToken": ":x"}))
+        got = self.dev.wait(self.jobs + "$next/get/accepted")
+        self.assertTrue(got)
+        return json.loads(got[0])["execution"]["jobDocument"]["afr_ota"]
+
+    def fetch(self, url, headers=None, method="GET", conn=None):
+        u = urllib.parse.urlsplit(url)
+        conn = conn or http.client.HTTPSConnection(u.hostname, u.port, context=self.ctx)
+        conn.request(method, u.path + "?" + u.query, headers=headers or {})
+        r = conn.getresponse()
+        return r, r.read()
+
+    def test_mqtt_job_document_and_signature(self):
+        image = pattern(10000, 5)
+        info = self.service.queue_ota_job(self.thing, "AFR_OTA-m1", image,
+                                          filepath="/opt/fw.bin")
+        ota = self.next_document()
+        self.assertEqual(ota["protocols"], ["MQTT"])
+        self.assertEqual(ota["streamname"], info["stream_id"])
+        f = ota["files"][0]
+        self.assertEqual({k: f[k] for k in ("filepath", "filesize", "fileid", "certfile", "fileType")},
+                         {"filepath": "/opt/fw.bin", "filesize": 10000, "fileid": 0,
+                          "certfile": "ota-signer.crt", "fileType": 0})
+        self.assertNotIn("update_data_url", f)
+        sig = f["sig-sha256-ecdsa"]
+        self.assertTrue(verify_bytes(image, sig, self.stack.pki.signer_cert))
+        self.assertFalse(verify_bytes(image, sig, self.stack.pki.untrusted_signer_cert))
+        self.assertFalse(verify_bytes(image + b"x", sig, self.stack.pki.signer_cert))
+        # Untrusted key and raw signatures, for otad's negative tests.
+        self.service.queue_ota_job(self.thing, "AFR_OTA-m2", image,
+                                   signing_key=self.stack.pki.untrusted_signer_key)
+        self.service.queue_ota_job(self.thing, "AFR_OTA-m3", image, signature="Zg===")
+        execs = [self.service.job_document(self.thing, j) for j in ("AFR_OTA-m2", "AFR_OTA-m3")]
+        sig2 = execs[0]["afr_ota"]["files"][0]["sig-sha256-ecdsa"]
+        self.assertTrue(verify_bytes(image, sig2, self.stack.pki.untrusted_signer_cert))
+        self.assertEqual(execs[1]["afr_ota"]["files"][0]["sig-sha256-ecdsa"], "Zg===")
+
+    def test_split_image_into_signed_parts(self):
+        image = pattern(10000, 6)
+        self.service.queue_ota_job(self.thing, "AFR_OTA-s1", image, split_bytes=4096,
+                                   part_fields=lambda i, off, part: {"offset": off})
+        files = self.next_document()["files"]
+        self.assertEqual([(f["fileid"], f["filesize"], f["offset"]) for f in files],
+                         [(0, 4096, 0), (1, 4096, 4096), (2, 1808, 8192)])
+        for f in files:
+            part = image[f["offset"]:f["offset"] + f["filesize"]]
+            self.assertTrue(verify_bytes(part, f["sig-sha256-ecdsa"], self.stack.pki.signer_cert))
+
+    def test_presigned_https_range_expiry_and_fresh_urls(self):
+        image = os.urandom(3 * 1024 * 1024 + 17)
+        first_http = len(self.service.record.http_requests())
+        self.service.queue_ota_job(self.thing, "AFR_OTA-h1", image, protocols=["HTTP"])
+        f1 = self.next_document()["files"][0]
+        f2 = self.next_document()["files"][0]
+        self.assertEqual(f1["auth_scheme"], "aws.s3.presigned")
+        self.assertNotEqual(f1["update_data_url"], f2["update_data_url"],
+                            "each delivery must carry a fresh presigned URL")
+        url = f1["update_data_url"]
+        u = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPSConnection(u.hostname, u.port, context=self.ctx)
+        r, body = self.fetch(url, conn=conn)
+        self.assertEqual((r.status, body), (200, image))
+        self.assertEqual(r.getheader("Accept-Ranges"), "bytes")
+        # Keep-alive: the same connection serves the next requests.
+        r, body = self.fetch(url, {"Range": "bytes=4096-8191"}, conn=conn)
+        self.assertEqual((r.status, r.getheader("Content-Range"), body),
+                         (206, "bytes 4096-8191/%d" % len(image), image[4096:8192]))
+        r, body = self.fetch(url, {"Range": "bytes=%d-" % (len(image) - 5)}, conn=conn)
+        self.assertEqual((r.status, body), (206, image[-5:]))
+        r, body = self.fetch(url, {"Range": "bytes=%d-" % len(image)}, conn=conn)
+        self.assertEqual((r.status, r.getheader("Content-Range")),
+                         (416, "bytes */%d" % len(image)))
+        r, body = self.fetch(url, method="HEAD", conn=conn)
+        self.assertEqual((r.status, r.getheader("Content-Length"), body),
+                         (200, str(len(image)), b""))
+        tampered = url[:-1] + ("0" if url[-1] != "0" else "1")
+        r, body = self.fetch(tampered)
+        self.assertEqual(r.status, 403)
+        self.assertIn(b"<Code>SignatureDoesNotMatch</Code>", body)
+        self.service.expire_urls()
+        r, body = self.fetch(url)
+        self.assertEqual(r.status, 403)
+        self.assertIn(b"<Code>AccessDenied</Code>", body)
+        fresh = self.next_document()["files"][0]["update_data_url"]
+        self.assertEqual(self.fetch(fresh, {"Range": "bytes=0-0"})[0].status, 206)
+        served = self.service.record.http_requests()[first_http:]
+        self.assertEqual([h["status"] for h in served], [200, 206, 206, 416, 200, 403, 403, 206])
+        self.assertEqual(served[1]["range"], "bytes=4096-8191")
+        self.assertEqual(served[1]["bytes"], 4096)
+
+    def test_presigned_url_lifetime(self):
+        self.service.queue_ota_job(self.thing, "AFR_OTA-h2", b"abc" * 100,
+                                   protocols=["HTTP", "MQTT"], url_lifetime=1)
+        url = self.next_document()["files"][0]["update_data_url"]
+        self.assertEqual(self.fetch(url)[0].status, 200)
+        time.sleep(2.1)
+        r, body = self.fetch(url)
+        self.assertEqual(r.status, 403)
+        self.assertIn(b"Request has expired", body)
+
+    def test_cancel_mid_transfer(self):
+        image = pattern(64 * 1024, 9)
+        info = self.service.queue_ota_job(self.thing, "AFR_OTA-c1", image)
+        self.service.cancel_job_after(self.thing, "AFR_OTA-c1", 16 * 1024)
+        self.dev.subscribe("$aws/things/%s/streams/+/data/cbor" % self.thing)
+        self.dev.publish("$aws/things/%s/streams/%s/get/cbor" % (self.thing, info["stream_id"]),
+                         cbor2.dumps({"c": "rdy", "f": 0, "l": 4096, "n": 16}), 0)
+        self.assertEqual(self.service.wait_for_status(self.thing, "AFR_OTA-c1",
+                                                      "CANCELED", 5), "CANCELED")
+        self.assertGreaterEqual(self.service.record.bytes_served(self.thing, "mqtt"), 16 * 1024)
+
+    def test_https_throughput(self):
+        """Prints the figure for the report; asserts only a generous floor."""
+        size = 64 * 1024 * 1024
+        self.service.https.add_file("bench/64M", bytes(size))
+        url = self.service.https.presign("bench/64M")
+        t0 = time.monotonic()
+        r = subprocess.run(["curl", "-sS", "--cacert", self.stack.pki.ca_cert, "-o", "/dev/null",
+                            "-w", "%{http_code} %{size_download}", url],
+                           capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - t0
+        self.assertEqual(r.stdout, "200 %d" % size, r.stderr)
+        rate = size / elapsed / 2 ** 20
+        sys.stderr.write("HTTPS: 64 MiB in %.2f s = %.0f MiB/s\n" % (elapsed, rate))
+        self.assertGreater(rate, 20)
