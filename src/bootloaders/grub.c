@@ -1,0 +1,252 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The GRUB backend, with RAUC's variable scheme so that one grub.cfg serves
+ * both: ORDER="A B" lists the slots by preference; <slot>_OK=1 says a slot
+ * may boot at all, <slot>_TRY=1 that it has been booted and not marked good
+ * since. GRUB boots the first slot of ORDER with OK=1 and TRY=0 and sets its
+ * TRY=1 (save_env) before booting it: so a slot that is not marked good while
+ * running is not booted again, and the next slot of ORDER is.
+ *
+ *   set_try_once(X): ORDER="X ...", X_OK=1, X_TRY=0
+ *   mark_good(X):    ORDER="X ...", X_OK=1, X_TRY=0
+ *   mark_bad(X):     ORDER="... X", X_OK=0, X_TRY=0; the other slots that
+ *                    are OK get TRY=0, so the first of them boots next
+ *   get_primary:     the first slot of ORDER with OK=1 and TRY=0
+ *   get_state(X):    good = X in ORDER, X_OK=1 and X_TRY=0
+ *
+ * A variable missing from the file reads as the grub.cfg below defaults it:
+ * ORDER = the configured bootnames, <slot>_OK=1, <slot>_TRY=0. Unrelated
+ * variables in the file are kept.
+ *
+ * grub.cfg (for slots A and B; rootA/rootB are filesystem labels):
+ *
+ *   set ORDER="A B"
+ *   set A_OK=1
+ *   set A_TRY=0
+ *   set B_OK=1
+ *   set B_TRY=0
+ *   load_env --file=$prefix/grubenv ORDER A_OK A_TRY B_OK B_TRY
+ *   set slot=
+ *   for s in $ORDER; do
+ *     if [ -z "$slot" ]; then
+ *       if [ "$s" = A -a "$A_OK" = 1 -a "$A_TRY" = 0 ]; then set slot=A; set A_TRY=1; fi
+ *       if [ "$s" = B -a "$B_OK" = 1 -a "$B_TRY" = 0 ]; then set slot=B; set B_TRY=1; fi
+ *     fi
+ *   done
+ *   if [ -z "$slot" ]; then
+ *     # every slot has been tried: start over with the ones not marked bad
+ *     if [ "$A_OK" = 1 ]; then set A_TRY=0; fi
+ *     if [ "$B_OK" = 1 ]; then set B_TRY=0; fi
+ *     for s in $ORDER; do
+ *       if [ -z "$slot" -a "$s" = A -a "$A_OK" = 1 ]; then set slot=A; set A_TRY=1; fi
+ *       if [ -z "$slot" -a "$s" = B -a "$B_OK" = 1 ]; then set slot=B; set B_TRY=1; fi
+ *     done
+ *   fi
+ *   save_env --file=$prefix/grubenv A_TRY B_TRY
+ *   if [ "$slot" = B ]; then set rlabel=rootB; else set rlabel=rootA; fi
+ *   search --no-floppy --label --set=root $rlabel
+ *   menuentry "slot $slot" {
+ *     linux /boot/vmlinuz root=LABEL=$rlabel ro otad.slot=$slot
+ *     initrd /boot/initrd.img
+ *   }
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backends.h"
+#include "config.h"
+#include "grubenv.h"
+#include "log.h"
+#include "macro.h"
+
+static const char *grubenv_path(const struct bootloader *b) {
+        return b->config->bootloader.grubenv;
+}
+
+static int grub_load(struct bootloader *b, struct grubenv *ret) {
+        int r = grubenv_read(grubenv_path(b), ret);
+
+        if (r == -EBADMSG)
+                return log_error_errno(-EIO, "GRUB environment %s is not a %d-byte block starting with '%.24s' (torn write?), refusing to use it",
+                                       grubenv_path(b), GRUBENV_SIZE, GRUBENV_HEADER);
+        if (r < 0)
+                return log_error_errno(r, "Failed to read GRUB environment %s: %s", grubenv_path(b), strerror(-r));
+        return 0;
+}
+
+/* Writes env, reads the file back and compares: the boot decision counts
+ * only when the bytes on disk say what we meant. */
+static int grub_store(struct bootloader *b, const struct grubenv *env) {
+        struct grubenv back = { 0 };
+        int r;
+
+        r = grubenv_write(grubenv_path(b), env);
+        if (r == -ENOSPC)
+                return log_error_errno(r, "GRUB environment %s: the variables do not fit into %d bytes",
+                                       grubenv_path(b), GRUBENV_SIZE);
+        if (r < 0)
+                return log_error_errno(r, "Failed to write GRUB environment %s: %s", grubenv_path(b), strerror(-r));
+        r = grubenv_read(grubenv_path(b), &back);
+        if (r < 0)
+                return log_error_errno(-EIO, "GRUB environment %s unreadable right after writing it: %s",
+                                       grubenv_path(b), strerror(-r));
+        r = grubenv_equal(env, &back);
+        grubenv_done(&back);
+        if (!r)
+                return log_error_errno(-EIO, "GRUB environment %s reads back different from what was written, refusing to continue",
+                                       grubenv_path(b));
+        return 0;
+}
+
+static int flag_of(const struct grubenv *env, const char *bootname, const char *suffix, int fallback) {
+        char name[128];
+        const char *v;
+
+        snprintf(name, sizeof(name), "%s_%s", bootname, suffix);
+        v = grubenv_get(env, name);
+        if (!v)
+                return fallback;
+        return strcmp(v, "1") == 0 ? 1 : 0;
+}
+
+static int set_flag(struct grubenv *env, const char *bootname, const char *suffix, int value) {
+        char name[128];
+
+        snprintf(name, sizeof(name), "%s_%s", bootname, suffix);
+        return grubenv_set(env, name, value ? "1" : "0");
+}
+
+static bool order_has(const char *order, const char *bootname) {
+        _cleanup_free_ char *copy = strdup(order);
+        char *save = NULL;
+
+        if (!copy)
+                return false;
+        for (char *w = strtok_r(copy, " \t", &save); w; w = strtok_r(NULL, " \t", &save))
+                if (strcmp(w, bootname) == 0)
+                        return true;
+        return false;
+}
+
+/* ORDER as GRUB sees it: the file's, or the configured default. */
+static int current_order(const struct bootloader *b, const struct grubenv *env, char **ret) {
+        const char *o = grubenv_get(env, "ORDER");
+
+        if (o) {
+                *ret = strdup(o);
+                return *ret ? 0 : -ENOMEM;
+        }
+        return bootloader_order(b, NULL, NULL, NULL, false, ret);
+}
+
+static int grub_get_primary(struct bootloader *b, char **ret_bootname) {
+        struct grubenv env = { 0 };
+        _cleanup_free_ char *order = NULL;
+        char *save = NULL, *found = NULL;
+        int r;
+
+        r = grub_load(b, &env);
+        if (r < 0)
+                return r;
+        r = current_order(b, &env, &order);
+        for (char *w = r < 0 ? NULL : strtok_r(order, " \t", &save); w && !found; w = strtok_r(NULL, " \t", &save))
+                if (bootloader_knows(b, w) && flag_of(&env, w, "OK", 1) && !flag_of(&env, w, "TRY", 0))
+                        found = w;
+        if (r >= 0 && !found)
+                r = log_error_errno(-ENOENT, "GRUB environment %s: no slot of ORDER=\"%s\" is bootable",
+                                    grubenv_path(b), order);
+        if (r >= 0) {
+                *ret_bootname = strdup(found);
+                r = *ret_bootname ? 0 : -ENOMEM;
+        }
+        grubenv_done(&env);
+        return r;
+}
+
+static int grub_get_state(struct bootloader *b, const char *bootname, bool *ret_good) {
+        struct grubenv env = { 0 };
+        _cleanup_free_ char *order = NULL;
+        int r;
+
+        r = grub_load(b, &env);
+        if (r < 0)
+                return r;
+        r = current_order(b, &env, &order);
+        if (r >= 0)
+                *ret_good = order_has(order, bootname) && flag_of(&env, bootname, "OK", 1) &&
+                            !flag_of(&env, bootname, "TRY", 0);
+        grubenv_done(&env);
+        return r;
+}
+
+static int grub_make_primary(struct bootloader *b, const char *bootname) {
+        struct grubenv env = { 0 };
+        _cleanup_free_ char *order = NULL, *new_order = NULL;
+        int r;
+
+        r = grub_load(b, &env);
+        if (r < 0)
+                return r;
+        r = current_order(b, &env, &order);
+        if (r >= 0)
+                r = bootloader_order(b, order, bootname, NULL, false, &new_order);
+        if (r >= 0)
+                r = grubenv_set(&env, "ORDER", new_order);
+        if (r >= 0)
+                r = set_flag(&env, bootname, "OK", 1);
+        if (r >= 0)
+                r = set_flag(&env, bootname, "TRY", 0);
+        if (r >= 0)
+                r = grub_store(b, &env);
+        grubenv_done(&env);
+        return r;
+}
+
+/* Before the reboot the new slot looks exactly like a good one; what makes
+ * it "once" is GRUB setting its TRY=1 when it boots it. */
+static int grub_set_try_once(struct bootloader *b, const char *bootname) {
+        return grub_make_primary(b, bootname);
+}
+
+static int grub_mark_good(struct bootloader *b, const char *bootname) {
+        return grub_make_primary(b, bootname);
+}
+
+static int grub_mark_bad(struct bootloader *b, const char *bootname) {
+        struct grubenv env = { 0 };
+        _cleanup_free_ char *order = NULL, *new_order = NULL;
+        int r;
+
+        r = grub_load(b, &env);
+        if (r < 0)
+                return r;
+        r = current_order(b, &env, &order);
+        if (r >= 0)
+                r = bootloader_order(b, order, NULL, bootname, false, &new_order);
+        if (r >= 0)
+                r = grubenv_set(&env, "ORDER", new_order);
+        if (r >= 0)
+                r = set_flag(&env, bootname, "OK", 0);
+        if (r >= 0)
+                r = set_flag(&env, bootname, "TRY", 0);
+        /* switch back: the slots not marked bad may boot again, even if
+         * they were tried since they were last marked good */
+        for (size_t i = 0; r >= 0 && i < b->n_bootnames; i++)
+                if (strcmp(b->bootnames[i], bootname) != 0 && flag_of(&env, b->bootnames[i], "OK", 1))
+                        r = set_flag(&env, b->bootnames[i], "TRY", 0);
+        if (r >= 0)
+                r = grub_store(b, &env);
+        grubenv_done(&env);
+        return r;
+}
+
+const struct bootloader_ops bootloader_grub_ops = {
+        .name = "grub",
+        .get_primary = grub_get_primary,
+        .set_try_once = grub_set_try_once,
+        .mark_good = grub_mark_good,
+        .mark_bad = grub_mark_bad,
+        .get_state = grub_get_state,
+};

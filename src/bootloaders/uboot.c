@@ -1,0 +1,279 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The U-Boot backend, through libubootenv (which writes the inactive copy of
+ * a redundant environment and flips the flag, so a torn write leaves the
+ * previous copy valid). Variables as in RAUC's U-Boot integration:
+ * BOOT_ORDER="A B" lists the slots by preference; BOOT_<slot>_LEFT is the
+ * number of boots the slot has left (hexadecimal, as setexpr writes it).
+ * U-Boot boots the first slot of BOOT_ORDER with tries left and decrements
+ * its counter first, so a slot that is not marked good while running runs
+ * out of tries and the next slot of BOOT_ORDER boots.
+ *
+ *   set_try_once(X): BOOT_ORDER="X ...", BOOT_X_LEFT=1
+ *   mark_good(X):    BOOT_ORDER="X ...", BOOT_X_LEFT=3
+ *   mark_bad(X):     X leaves BOOT_ORDER, BOOT_X_LEFT=0; the slots left in
+ *                    BOOT_ORDER get their tries back (3)
+ *   get_primary:     the first slot of BOOT_ORDER with BOOT_<slot>_LEFT > 0
+ *   get_state(X):    good = X in BOOT_ORDER and BOOT_X_LEFT > 0
+ *
+ * Missing variables read as the boot script defaults them (BOOT_ORDER = the
+ * configured bootnames, BOOT_<slot>_LEFT=3). A blank environment (no copy
+ * with a valid CRC) is refused: libubootenv would then write an environment
+ * holding only our variables, and U-Boot would lose bootcmd and the rest.
+ *
+ * U-Boot boot script (slots A and B on mmc 0, partitions 2 and 3):
+ *
+ *   test -n "${BOOT_ORDER}" || setenv BOOT_ORDER "A B"
+ *   test -n "${BOOT_A_LEFT}" || setenv BOOT_A_LEFT 3
+ *   test -n "${BOOT_B_LEFT}" || setenv BOOT_B_LEFT 3
+ *   setenv rootpart
+ *   for s in ${BOOT_ORDER}; do
+ *     if test -z "${rootpart}"; then
+ *       if test "${s}" = A && test 0x${BOOT_A_LEFT} -gt 0; then
+ *         setexpr BOOT_A_LEFT ${BOOT_A_LEFT} - 1; setenv rootpart 2; setenv slot A
+ *       elif test "${s}" = B && test 0x${BOOT_B_LEFT} -gt 0; then
+ *         setexpr BOOT_B_LEFT ${BOOT_B_LEFT} - 1; setenv rootpart 3; setenv slot B
+ *       fi
+ *     fi
+ *   done
+ *   if test -z "${rootpart}"; then
+ *     echo "No slot has tries left, resetting"; setenv BOOT_A_LEFT 3; setenv BOOT_B_LEFT 3
+ *     saveenv; reset
+ *   fi
+ *   saveenv
+ *   setenv bootargs "${bootargs} root=/dev/mmcblk0p${rootpart} rootwait otad.slot=${slot}"
+ *   load mmc 0:${rootpart} ${kernel_addr_r} /boot/Image
+ *   booti ${kernel_addr_r} - ${fdt_addr_r}
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libuboot.h>
+
+#include "backends.h"
+#include "config.h"
+#include "log.h"
+#include "macro.h"
+
+#define UBOOT_TRIES_GOOD 3
+#define UBOOT_TRIES_ONCE 1
+
+static const char *fw_env_config(const struct bootloader *b) {
+        return b->config->bootloader.fw_env_config;
+}
+
+static void uboot_ctx_freep(struct uboot_ctx **ctx) {
+        if (*ctx) {
+                libuboot_close(*ctx);
+                libuboot_exit(*ctx);
+        }
+}
+
+/* A fresh context each time: a read-back must come from the storage, not
+ * from the library's copy in memory. */
+static int uboot_open(struct bootloader *b, struct uboot_ctx **ret) {
+        struct uboot_ctx *ctx = NULL;
+        int r;
+
+        if (!fw_env_config(b) || !*fw_env_config(b))
+                return log_error_errno(-EINVAL, "[bootloader] type=uboot needs fw_env_config=");
+        r = libuboot_initialize(&ctx, NULL);
+        if (r < 0)
+                return log_error_errno(r, "Failed to initialise libubootenv: %s", strerror(-r));
+        r = libuboot_read_config(ctx, fw_env_config(b));
+        if (r < 0) {
+                libuboot_exit(ctx);
+                return log_error_errno(r, "Failed to read %s (or the environment file it names is missing): %s",
+                                       fw_env_config(b), strerror(-r));
+        }
+        r = libuboot_open(ctx);
+        if (r == -ENODATA) {
+                libuboot_exit(ctx);
+                return log_error_errno(-EIO, "U-Boot environment named by %s is blank or has no copy with a valid CRC; refusing to write one that would hold only otad's variables. Initialise it first (fw_setenv -c %s -f <defaults file>)",
+                                       fw_env_config(b), fw_env_config(b));
+        }
+        if (r < 0) {
+                libuboot_exit(ctx);
+                return log_error_errno(r, "Failed to read the U-Boot environment named by %s: %s", fw_env_config(b), strerror(-r));
+        }
+        *ret = ctx;
+        return 0;
+}
+
+static unsigned long tries_left(struct uboot_ctx *ctx, const char *bootname) {
+        char name[128];
+        _cleanup_free_ char *v = NULL;
+
+        snprintf(name, sizeof(name), "BOOT_%s_LEFT", bootname);
+        v = libuboot_get_env(ctx, name);
+        if (!v)
+                return UBOOT_TRIES_GOOD;
+        return strtoul(v, NULL, 16);
+}
+
+static int current_order(const struct bootloader *b, struct uboot_ctx *ctx, char **ret) {
+        char *o = libuboot_get_env(ctx, "BOOT_ORDER");
+
+        if (o) {
+                *ret = o;
+                return 0;
+        }
+        return bootloader_order(b, NULL, NULL, NULL, false, ret);
+}
+
+static bool order_has(const char *order, const char *bootname) {
+        _cleanup_free_ char *copy = strdup(order);
+        char *save = NULL;
+
+        if (!copy)
+                return false;
+        for (char *w = strtok_r(copy, " \t", &save); w; w = strtok_r(NULL, " \t", &save))
+                if (strcmp(w, bootname) == 0)
+                        return true;
+        return false;
+}
+
+struct uboot_var {
+        char name[128];
+        char value[256];
+};
+
+/* Sets vars, stores, then reads the environment back through a new context
+ * and compares every variable. */
+static int uboot_store(struct bootloader *b, struct uboot_ctx *ctx, const struct uboot_var *vars, size_t n) {
+        _cleanup_(uboot_ctx_freep) struct uboot_ctx *back = NULL;
+        int r;
+
+        for (size_t i = 0; i < n; i++) {
+                r = libuboot_set_env(ctx, vars[i].name, vars[i].value);
+                if (r < 0)
+                        return log_error_errno(r, "Failed to set U-Boot variable %s: %s", vars[i].name, strerror(-r));
+        }
+        r = libuboot_env_store(ctx);
+        if (r < 0)
+                return log_error_errno(r, "Failed to store the U-Boot environment named by %s: %s", fw_env_config(b), strerror(-r));
+
+        r = uboot_open(b, &back);
+        if (r < 0)
+                return -EIO;
+        for (size_t i = 0; i < n; i++) {
+                _cleanup_free_ char *v = libuboot_get_env(back, vars[i].name);
+
+                if (!v || strcmp(v, vars[i].value) != 0)
+                        return log_error_errno(-EIO, "U-Boot environment reads back %s=%s instead of %s, refusing to continue",
+                                               vars[i].name, v ? v : "(unset)", vars[i].value);
+        }
+        return 0;
+}
+
+static int uboot_get_primary(struct bootloader *b, char **ret_bootname) {
+        _cleanup_(uboot_ctx_freep) struct uboot_ctx *ctx = NULL;
+        _cleanup_free_ char *order = NULL;
+        char *save = NULL;
+        int r;
+
+        r = uboot_open(b, &ctx);
+        if (r < 0)
+                return r;
+        r = current_order(b, ctx, &order);
+        if (r < 0)
+                return r;
+        for (char *w = strtok_r(order, " \t", &save); w; w = strtok_r(NULL, " \t", &save)) {
+                if (!bootloader_knows(b, w) || tries_left(ctx, w) == 0)
+                        continue;
+                *ret_bootname = strdup(w);
+                return *ret_bootname ? 0 : -ENOMEM;
+        }
+        return log_error_errno(-ENOENT, "U-Boot environment: no slot of BOOT_ORDER=\"%s\" has tries left", order);
+}
+
+static int uboot_get_state(struct bootloader *b, const char *bootname, bool *ret_good) {
+        _cleanup_(uboot_ctx_freep) struct uboot_ctx *ctx = NULL;
+        _cleanup_free_ char *order = NULL;
+        int r;
+
+        r = uboot_open(b, &ctx);
+        if (r < 0)
+                return r;
+        r = current_order(b, ctx, &order);
+        if (r < 0)
+                return r;
+        *ret_good = order_has(order, bootname) && tries_left(ctx, bootname) > 0;
+        return 0;
+}
+
+static int uboot_make_primary(struct bootloader *b, const char *bootname, unsigned tries) {
+        _cleanup_(uboot_ctx_freep) struct uboot_ctx *ctx = NULL;
+        _cleanup_free_ char *order = NULL, *new_order = NULL;
+        struct uboot_var vars[2];
+        int r;
+
+        r = uboot_open(b, &ctx);
+        if (r < 0)
+                return r;
+        r = current_order(b, ctx, &order);
+        if (r >= 0)
+                r = bootloader_order(b, order, bootname, NULL, false, &new_order);
+        if (r < 0)
+                return r;
+        snprintf(vars[0].name, sizeof(vars[0].name), "BOOT_%s_LEFT", bootname);
+        snprintf(vars[0].value, sizeof(vars[0].value), "%x", tries);
+        snprintf(vars[1].name, sizeof(vars[1].name), "BOOT_ORDER");
+        snprintf(vars[1].value, sizeof(vars[1].value), "%s", new_order);
+        return uboot_store(b, ctx, vars, ELEMENTSOF(vars));
+}
+
+static int uboot_set_try_once(struct bootloader *b, const char *bootname) {
+        return uboot_make_primary(b, bootname, UBOOT_TRIES_ONCE);
+}
+
+static int uboot_mark_good(struct bootloader *b, const char *bootname) {
+        return uboot_make_primary(b, bootname, UBOOT_TRIES_GOOD);
+}
+
+static int uboot_mark_bad(struct bootloader *b, const char *bootname) {
+        _cleanup_(uboot_ctx_freep) struct uboot_ctx *ctx = NULL;
+        _cleanup_free_ char *order = NULL, *new_order = NULL;
+        struct uboot_var *vars = NULL;
+        size_t n = 0;
+        char *save = NULL;
+        int r;
+
+        r = uboot_open(b, &ctx);
+        if (r < 0)
+                return r;
+        r = current_order(b, ctx, &order);
+        if (r >= 0)
+                r = bootloader_order(b, order, NULL, bootname, true, &new_order);
+        if (r < 0)
+                return r;
+        vars = calloc(b->n_bootnames + 2, sizeof(*vars));
+        if (!vars)
+                return -ENOMEM;
+        snprintf(vars[n].name, sizeof(vars[n].name), "BOOT_%s_LEFT", bootname);
+        snprintf(vars[n++].value, sizeof(vars[0].value), "0");
+        snprintf(vars[n].name, sizeof(vars[n].name), "BOOT_ORDER");
+        snprintf(vars[n++].value, sizeof(vars[0].value), "%s", new_order);
+        /* switch back: what is left in BOOT_ORDER may boot again */
+        for (char *w = strtok_r(new_order, " \t", &save); w && n < b->n_bootnames + 2;
+             w = strtok_r(NULL, " \t", &save)) {
+                if (!bootloader_knows(b, w) || tries_left(ctx, w) > 0)
+                        continue;
+                snprintf(vars[n].name, sizeof(vars[n].name), "BOOT_%s_LEFT", w);
+                snprintf(vars[n++].value, sizeof(vars[0].value), "%x", UBOOT_TRIES_GOOD);
+        }
+        r = uboot_store(b, ctx, vars, n);
+        free(vars);
+        return r;
+}
+
+const struct bootloader_ops bootloader_uboot_ops = {
+        .name = "uboot",
+        .get_primary = uboot_get_primary,
+        .set_try_once = uboot_set_try_once,
+        .mark_good = uboot_mark_good,
+        .mark_bad = uboot_mark_bad,
+        .get_state = uboot_get_state,
+};
