@@ -42,8 +42,14 @@ struct job_handler {
         const char *name;
         bool (*accepts)(const cJSON *document, void *userdata);
         /* Begin work. 0: the handler now owns the job until it reports a
-         * terminal status through jobs_update(). <0: jobs reports FAILED with
-         * reason (if set) for it. */
+         * terminal status through jobs_update() (it may do so before
+         * returning). <0: jobs ends the job with reason (if set, else the
+         * errno text): -EINVAL, -EBADMSG, -ENOENT, -EPERM, -EOPNOTSUPP and
+         * -EMSGSIZE mean "this document can never run here" and give
+         * REJECTED while the job is QUEUED; anything else, or a job already
+         * IN_PROGRESS (AWS refuses IN_PROGRESS -> REJECTED), gives FAILED.
+         * The job's pointers stay valid until refresh(), cancel() or the
+         * terminal jobs_update(); copy what you keep longer. */
         int (*start)(const struct job *job, char *reason, size_t reason_size, void *userdata);
         /* The same job was delivered again, e.g. with fresh presigned URLs.
          * May be NULL. */
@@ -75,6 +81,10 @@ typedef void (*jobs_update_done_fn)(int result, void *userdata);
 int jobs_new(struct otad *otad, struct jobs **ret);
 void jobs_free(struct jobs *jobs);
 int jobs_register_handler(struct jobs *jobs, const struct job_handler *handler);
+/* For a handler module's free(): forgets the handler by name. A job it
+ * holds is dropped locally without a status update or cancel() (the module
+ * stopped the work itself); the service offers it again after a restart. */
+void jobs_unregister_handler(struct jobs *jobs, const char *name);
 
 /* Publishes an UpdateJobExecution for job_id. A terminal status ends the
  * job locally and the client then asks for the next one. done may be NULL. */
@@ -86,3 +96,10 @@ int jobs_update(struct jobs *jobs, const char *job_id, enum job_status status,
 int jobs_request_refresh(struct jobs *jobs);
 
 const char *job_status_to_string(enum job_status s);
+int job_status_from_string(const char *s, enum job_status *ret);
+
+/* Pure checks of the AWS limits (protocol.md §1.5, §1.7), for callers that
+ * want to know before jobs_update() refuses: 0, -E2BIG (>10 pairs) or
+ * -EINVAL. */
+int jobs_validate_status_details(const struct status_detail *details);
+bool jobs_job_id_is_valid(const char *id);

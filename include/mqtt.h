@@ -42,6 +42,10 @@ int mqtt_subscribe(struct mqtt_session *s, const char *filter, int qos,
 /* Unsubscribes and forgets the registration; NULL is fine. */
 void mqtt_unsubscribe(struct mqtt_subscription *sub);
 
+/* MQTT 3.1.1 topic matching ('+' one level, '#' the rest, no wildcard match
+ * of a leading '$' level). Pure; both arguments are plain topic strings. */
+bool mqtt_topic_matches(const char *filter, const char *topic);
+
 /* Publishes to "$aws/things/<thing>/" + topic. QoS 0 or 1 (AWS has no QoS 2).
  * -ENOTCONN when offline: the caller decides whether to retry. */
 int mqtt_publish(struct mqtt_session *s, const char *topic, const void *payload, size_t len,
