@@ -55,7 +55,10 @@ class Device:
             return self._rc == 0
 
     def close(self):
-        self.client.disconnect()
+        try:
+            self.client.disconnect()
+        except OSError:
+            pass        # the broker already dropped us (e.g. refused certificate)
         self.client.loop_stop()
 
     def subscribe(self, topic_filter, qos=1, timeout=5):

@@ -579,3 +579,233 @@ class OtaAndHttpsTests(StackTest):
         rate = size / elapsed / 2 ** 20
         sys.stderr.write("HTTPS: 64 MiB in %.2f s = %.0f MiB/s\n" % (elapsed, rate))
         self.assertGreater(rate, 20)
+
+
+# ---------------------------------------------------------------------------
+class SecurityTests(StackTest):
+    """The broker enforces the AWS device policy (harness.md §1)."""
+
+    def test_thing_cannot_see_or_use_another_things_topics(self):
+        a = self.device("thing-A", ["$aws/things/thing-A/jobs/#"])
+        b = self.device("thing-B", ["$aws/things/thing-A/jobs/#",
+                                    "$aws/things/thing-A/streams/#",
+                                    "$aws/things/thing-B/jobs/notify-next"])
+        # thing-B asks for thing-A's next job: dropped by the ACL, so the
+        # service never sees it and nothing comes back to either thing.
+        b.publish("$aws/things/thing-A/jobs/$next/get", json.dumps({"clientToken": "spy"}))
+        self.service.queue_job("thing-A", "secret-job", {"secret": 1})
+        self.service.queue_job("thing-B", "own-job", {"x": 1})
+        self.assertTrue(a.wait("$aws/things/thing-A/jobs/notify-next"),
+                        "positive control: thing-A gets its own notification")
+        self.assertTrue(b.wait("$aws/things/thing-B/jobs/notify-next"),
+                        "positive control: thing-B gets its own notification")
+        time.sleep(0.3)
+        self.assertEqual(b.received("$aws/things/thing-A/#"), [])
+        self.assertEqual([r for r in self.service.record.requests("thing-A")
+                          if r["fields"].get("clientToken") == "spy"], [])
+        self.assertEqual(a.received("$aws/things/thing-A/jobs/$next/get/+"), [])
+
+    def mqtt_connect_with(self, cert, key, tls_max=None):
+        """Raw TLS + MQTT CONNECT; returns the CONNACK bytes, or the error."""
+        ctx = ssl.create_default_context(cafile=self.stack.pki.ca_cert)
+        if cert:
+            ctx.load_cert_chain(cert, key)
+        if tls_max:
+            ctx.maximum_version = tls_max
+        # CONNECT, MQTT 3.1.1, clean session, keepalive 60, client id "rogue"
+        connect = bytes.fromhex("1011" "00044d515454" "04" "02" "003c" "0005") + b"rogue"
+        try:
+            with socket.create_connection(("127.0.0.1", self.stack.broker.port), 3) as s:
+                with ctx.wrap_socket(s, server_hostname="localhost") as t:
+                    t.sendall(connect)
+                    return t.recv(4)
+        except (OSError, ssl.SSLError) as err:
+            return err
+
+    def test_rogue_certificate_is_refused(self):
+        pki = self.stack.pki
+        self.assertEqual(self.mqtt_connect_with(pki.client_cert("thing-A"),
+                                                pki.client_key("thing-A")),
+                         b"\x20\x02\x00\x00", "positive control: CONNACK accepted")
+        for tls_max in (ssl.TLSVersion.TLSv1_2, None):
+            with self.subTest(tls_max=tls_max):
+                got = self.mqtt_connect_with(pki.rogue_cert, pki.rogue_key, tls_max)
+                self.assertFalse(isinstance(got, bytes) and got.startswith(b"\x20"),
+                                 "rogue certificate got a CONNACK: %r" % got)
+                got = self.mqtt_connect_with(None, None, tls_max)
+                self.assertFalse(isinstance(got, bytes) and got.startswith(b"\x20"),
+                                 "no certificate got a CONNACK: %r" % got)
+
+    def test_thing_keys_are_private(self):
+        for thing in self.things:
+            mode = os.stat(self.stack.pki.client_key(thing)).st_mode & 0o777
+            self.assertEqual(mode, 0o600, thing)
+
+
+# ---------------------------------------------------------------------------
+class CapsAndRestartTests(StackTest):
+    things = ("thing-C",)
+
+    def setUp(self):
+        self.thing = "thing-C"
+        self.base = "$aws/things/thing-C/streams/caps/"
+        self.service.create_stream("caps", {0: bytes(4 * 1024 * 1024)})
+
+    def pull(self, dev, block, seconds):
+        """Keeps one 128 KiB request outstanding for `seconds`; returns the
+        (time, size) of every data message."""
+        dev.clear()
+        per_request = 131072 // block
+        deadline = time.monotonic() + seconds
+        asked = 0
+        while time.monotonic() < deadline:
+            got = len(dev.received(self.base + "data/cbor"))
+            if got >= asked - per_request // 2:
+                dev.publish(self.base + "get/cbor", cbor2.dumps(
+                    {"c": "r", "f": 0, "l": block, "o": (asked // per_request) % 16}), 0)
+                asked += per_request
+            time.sleep(0.01)
+        return [(t, len(p)) for t, _, p in dev.received(self.base + "data/cbor")]
+
+    @staticmethod
+    def rate(samples, skip=0.5):
+        """Per-second rates after the first `skip` seconds (the initial burst
+        of the first request is not what a cap is about)."""
+        t0 = samples[0][0] + skip
+        window = [s for s in samples if s[0] >= t0]
+        span = window[-1][0] - t0
+        return sum(n for _, n in window) / span, len(window) / span
+
+    def test_aws_caps_bytes_and_publishes_per_second(self):
+        dev = self.device(self.thing, [self.base + "data/cbor"])
+        self.service.set_aws_caps(self.thing)
+        try:
+            bytes_per_s, _ = self.rate(self.pull(dev, 65536, 3.5))
+            _, msgs_per_s = self.rate(self.pull(dev, 1024, 3))
+        finally:
+            self.service.set_aws_caps(self.thing, enabled=False)
+        sys.stderr.write("AWS caps: %.0f KiB/s with 64 KiB blocks, %.0f msg/s with 1 KiB blocks\n"
+                         % (bytes_per_s / 1024, msgs_per_s))
+        self.assertLessEqual(bytes_per_s, 512 * 1024 * 1.1)
+        self.assertGreater(bytes_per_s, 512 * 1024 * 0.7, "the cap, not something else, limits")
+        self.assertLessEqual(msgs_per_s, 100 * 1.1)
+        self.assertGreater(msgs_per_s, 60)
+        uncapped, _ = self.rate(self.pull(dev, 65536, 1), skip=0.2)
+        sys.stderr.write("uncapped stream: %.1f MiB/s\n" % (uncapped / 2 ** 20))
+        self.assertGreater(uncapped, 2 * 512 * 1024)
+
+    def test_broker_restart_keeps_the_service(self):
+        dev = Device(self.stack, self.thing)
+        self.assertTrue(dev.connect())
+        dev.close()
+        old_pid = self.stack.broker.pid
+        self.service.restart_broker()
+        self.assertNotEqual(self.stack.broker.pid, old_pid)
+        dev = self.device(self.thing, ["$aws/things/thing-C/jobs/notify-next"])
+        self.service.queue_job(self.thing, "after-restart", {"x": 1})
+        self.assertTrue(dev.wait("$aws/things/thing-C/jobs/notify-next"))
+
+
+# ---------------------------------------------------------------------------
+INNER = textwrap.dedent("""
+    import json, os, sys, time
+    sys.path.insert(0, %(here)r)
+    from harness import Stack
+    info_path, mode = sys.argv[1], sys.argv[2]
+    fake = os.path.join(os.path.dirname(info_path), "fake-otad")
+    with open(fake, "w") as f:
+        f.write("#!/bin/sh\\nexec /bin/sleep 300\\n")
+    os.chmod(fake, 0o755)
+    os.environ["OTAD_BIN"] = fake
+    with Stack(things=["thing-A"]) as s:
+        otad = s.start_otad("thing-A", {"jobs": {"handler": "demo"}})
+        helper = s.start_process(["/bin/sleep", "300"], "helper")
+        with open(info_path + ".tmp", "w") as f:
+            json.dump({"workdir": s.workdir, "pids": [s.broker.pid, otad.pid, helper.pid],
+                       "ports": [s.broker.port, s.service.https.port],
+                       "config": open(os.path.join(s.workdir, "otad-thing-A.conf")).read()}, f)
+        os.rename(info_path + ".tmp", info_path)
+        if mode == "fail":
+            raise AssertionError("inner test failed on purpose")
+        time.sleep(60)        # killed by SIGTERM from the outer test
+""")
+
+
+class HarnessTests(unittest.TestCase):
+    """The harness stops everything and leaves no directory behind."""
+
+    def run_inner(self, mode):
+        tmp = tempfile.mkdtemp(prefix="standin-cleanup-")
+        self.addCleanup(lambda: subprocess.run(["rm", "-rf", tmp]))
+        info_path = os.path.join(tmp, "info.json")
+        script = os.path.join(tmp, "inner.py")
+        with open(script, "w") as f:
+            f.write(INNER % {"here": HERE})
+        env = dict(os.environ)
+        env.pop("OTAD_KEEP_TMP", None)
+        proc = subprocess.Popen([PY, script, info_path, mode], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(info_path) and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertTrue(os.path.exists(info_path), proc.stderr.read() if proc.poll() is not None else "")
+        with open(info_path) as f:
+            info = json.load(f)
+        if mode == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        return proc.returncode, err.decode(), info
+
+    def assert_all_gone(self, info):
+        for pid in info["pids"]:
+            self.assertFalse(os.path.exists("/proc/%d" % pid), "pid %d still exists" % pid)
+        for port in info["ports"]:
+            with socket.socket() as s:
+                self.assertNotEqual(s.connect_ex(("127.0.0.1", port)), 0,
+                                    "port %d still listening" % port)
+        self.assertFalse(os.path.exists(info["workdir"]), info["workdir"])
+
+    def test_failing_test_leaves_nothing_behind(self):
+        rc, err, info = self.run_inner("fail")
+        self.assertNotEqual(rc, 0)
+        self.assertIn("inner test failed on purpose", err)
+        self.assert_all_gone(info)
+
+    def test_sigterm_leaves_nothing_behind(self):
+        rc, err, info = self.run_inner("sigterm")
+        self.assertNotEqual(rc, 0)
+        self.assert_all_gone(info)
+
+    def test_generated_otad_config(self):
+        rc, err, info = self.run_inner("fail")
+        wd = info["workdir"]
+        config = info["config"].replace(wd, "WD")
+        port = info["ports"][0]
+        self.assertEqual(config, textwrap.dedent("""\
+            # generated by tests/standin/harness.py
+            [mqtt]
+            endpoint = localhost
+            port = %d
+            thing_name = thing-A
+            ca_file = WD/pki/ca.crt
+            cert_file = WD/pki/thing-A.crt
+            key_file = WD/pki/thing-A.key
+            keepalive = 30
+
+            [state]
+            directory = WD/state-thing-A
+
+            [log]
+            level = debug
+
+            [jobs]
+            handler = demo
+            """ % port))
+
+    def test_merge_sections(self):
+        base = {"mqtt": {"port": 1, "keepalive": 30}, "log": {"level": "debug"}}
+        merged = merge_sections(base, {"mqtt": {"keepalive": None, "port": 2},
+                                       "log": None, "ota": {"verify": True}})
+        self.assertEqual(merged, {"mqtt": {"port": 2}, "ota": {"verify": True}})
+        self.assertEqual(render_config(merged), "[mqtt]\nport = 2\n\n[ota]\nverify = true\n")
