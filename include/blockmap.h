@@ -1,0 +1,63 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * blockmap: which blocks of one file have arrived, and its durable record
+ * for resuming after a restart or power cut. Owns the bitmap, the request
+ * bitmaps derived from it (protocol.md §3.4, LSB-first relative to "o") and
+ * the progress file format; never touches the data itself (the caller syncs
+ * the data before it saves the map that counts it).
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct blockmap;
+struct download_file;
+
+/* A map of ceil(file_size / block_size) blocks, none received. No cap
+ * beyond memory: a 24 MB stream file at 256-byte blocks is 98304 blocks,
+ * larger parts simply have more. -EINVAL for a zero size or block size. */
+int blockmap_new(uint64_t file_size, uint32_t block_size, struct blockmap **ret);
+void blockmap_free(struct blockmap *m);
+
+uint64_t blockmap_blocks(const struct blockmap *m);
+uint32_t blockmap_block_size(const struct blockmap *m);
+uint64_t blockmap_file_size(const struct blockmap *m);
+/* Bytes in block index: block_size, or the remainder for the last block. */
+uint32_t blockmap_block_length(const struct blockmap *m, uint64_t index);
+
+bool blockmap_test(const struct blockmap *m, uint64_t index);
+/* Returns true when the block was not set before (a new block). */
+bool blockmap_set(struct blockmap *m, uint64_t index);
+void blockmap_clear(struct blockmap *m, uint64_t index);
+void blockmap_clear_all(struct blockmap *m);
+uint64_t blockmap_count(const struct blockmap *m);
+bool blockmap_complete(const struct blockmap *m);
+
+/* The first block at or after from that is not set, blockmap_blocks() when
+ * there is none. */
+uint64_t blockmap_missing_next(const struct blockmap *m, uint64_t from);
+
+/* The GetStream bitmap for the window [offset, offset + n): bit k (byte
+ * k >> 3, mask 1 << (k & 7)) is set when block offset + k exists, is
+ * missing from m and, when skip is not NULL, not set in skip (e.g. blocks
+ * already requested). buf holds (n + 7) / 8 bytes. Returns the number of
+ * blocks asked for. */
+uint64_t blockmap_request_bitmap(const struct blockmap *m, const struct blockmap *skip, uint64_t offset,
+                                 uint32_t n, uint8_t *buf);
+
+/* The same file at another block size, conservatively: a new block counts
+ * as received only when every byte of it was in received old blocks
+ * (after a BlockSizeOutOfBounds rejection forced smaller blocks). */
+int blockmap_remap(const struct blockmap *m, uint32_t block_size, struct blockmap **ret);
+
+/* Persists m for file at path (atomically: path.tmp, fsync, rename, fsync
+ * of the directory) with a header naming the job, file index, file size,
+ * block size and a hash of the signature, and a checksum over it all. */
+int blockmap_save(const struct blockmap *m, const struct download_file *file, const char *path);
+/* Loads what blockmap_save() wrote. The map keeps the block size it was
+ * saved with (remap it when it differs). -ENOENT: nothing saved. -ESTALE:
+ * saved for another job, file index, size or signature: discard it.
+ * -EBADMSG: torn or corrupt. *ret untouched on failure. */
+int blockmap_load(const char *path, const struct download_file *file, struct blockmap **ret);

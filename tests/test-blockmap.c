@@ -1,0 +1,229 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The block map: accounting, the GetStream bitmaps of protocol.md §3.4,
+ * re-mapping to smaller blocks, and the progress file: round trip, another
+ * job's or file's record (-ESTALE), torn and corrupted files (-EBADMSG).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "blockmap.h"
+#include "download.h"
+#include "fileio.h"
+#include "macro.h"
+#include "tap.h"
+
+static const char *SIG = "MEQCIF2QDvww1G/kpRGZ8FYvQrok1bSZvXjXefRk7sqNcyPTAiB4dvGt8fozIY5NC0vUDJ2MY42ZERYEcrbwA4n6q7vrBg==";
+
+static void test_accounting(void) {
+        struct blockmap *m;
+
+        tap_is_int(blockmap_new(0, 4096, &m), -EINVAL, "empty file refused");
+        tap_is_int(blockmap_new(10000, 0, &m), -EINVAL, "zero block size refused");
+        tap_is_int(blockmap_new(10000, 4096, &m), 0, "10000 bytes at 4096");
+        tap_is_int((long long) blockmap_blocks(m), 3, "3 blocks");
+        tap_is_int(blockmap_block_length(m, 0), 4096, "block 0 full");
+        tap_is_int(blockmap_block_length(m, 2), 1808, "last block is the remainder");
+        tap_is_int(blockmap_block_length(m, 3), 0, "no block 3");
+        tap_ok(blockmap_set(m, 1), "block 1 new");
+        tap_ok(!blockmap_set(m, 1), "block 1 again is a duplicate");
+        tap_ok(!blockmap_set(m, 3), "block 3 out of range refused");
+        tap_is_int((long long) blockmap_count(m), 1, "count 1");
+        tap_is_int((long long) blockmap_missing_next(m, 0), 0, "next missing from 0");
+        tap_is_int((long long) blockmap_missing_next(m, 1), 2, "next missing from 1");
+        blockmap_set(m, 0);
+        blockmap_set(m, 2);
+        tap_ok(blockmap_complete(m), "complete");
+        tap_is_int((long long) blockmap_missing_next(m, 0), 3, "nothing missing");
+        blockmap_clear(m, 2);
+        blockmap_clear(m, 2);
+        tap_is_int((long long) blockmap_count(m), 2, "clear counts once");
+        blockmap_free(m);
+
+        /* The 24 MB stream limit at 256-byte blocks, filled in a scrambled order. */
+        tap_is_int(blockmap_new(98304ull * 256, 256, &m), 0, "98304 blocks");
+        for (uint64_t k = 0; k < 98304; k++)
+                blockmap_set(m, (k * 40501) % 98304);
+        tap_ok(blockmap_complete(m) && blockmap_count(m) == 98304, "all 98304 set");
+        blockmap_clear(m, 77777);
+        tap_is_int((long long) blockmap_missing_next(m, 0), 77777, "the one missing block is found");
+        blockmap_free(m);
+
+        /* No artificial cap: a 4 GiB part at 256-byte blocks. */
+        tap_is_int(blockmap_new(4294967295ull, 256, &m), 0, "16M blocks");
+        tap_ok(blockmap_set(m, blockmap_blocks(m) - 1) && blockmap_block_length(m, blockmap_blocks(m) - 1) == 255,
+               "last of 16M blocks");
+        blockmap_free(m);
+}
+
+static bool bytes_are(const uint8_t *got, size_t n, const char *want) {
+        return memcmp(got, want, n) == 0;
+}
+
+static void test_request_bitmap(void) {
+        struct blockmap *m, *skip;
+        uint8_t buf[64];
+
+        /* The reference agent's whole-file bitmaps (§3.4). */
+        blockmap_new(10000, 4096, &m);
+        tap_is_int((long long) blockmap_request_bitmap(m, NULL, 0, 4, buf), 3, "fresh: 3 blocks wanted");
+        tap_ok(buf[0] == 0x07, "fresh bitmap 07");
+        blockmap_set(m, 0);
+        blockmap_request_bitmap(m, NULL, 0, 4, buf);
+        tap_ok(buf[0] == 0x06, "after block 0: 06");
+        blockmap_free(m);
+
+        blockmap_new(285 * 4096, 4096, &m);
+        for (int i = 0; i < 10; i++)
+                blockmap_set(m, i);
+        tap_is_int((long long) blockmap_request_bitmap(m, NULL, 0, 288, buf), 275, "285 blocks, 10 done: 275 wanted");
+        tap_ok(buf[0] == 0x00 && buf[1] == 0xfc && buf[2] == 0xff && buf[34] == 0xff && buf[35] == 0x1f,
+               "36-byte bitmap 00 fc ff .. 1f");
+        blockmap_free(m);
+
+        /* The AWS example: blocks 20, 21, 24, 43 with o=20 -> 13 00 80. */
+        blockmap_new(64 * 256, 256, &m);
+        for (int i = 0; i < 64; i++)
+                if (i != 20 && i != 21 && i != 24 && i != 43)
+                        blockmap_set(m, i);
+        tap_is_int((long long) blockmap_request_bitmap(m, NULL, 20, 24, buf), 4, "o=20: 4 wanted");
+        tap_ok(bytes_are(buf, 3, "\x13\x00\x80"), "o=20 bitmap 13 00 80");
+
+        /* Blocks already in flight are skipped. */
+        blockmap_new(64 * 256, 256, &skip);
+        blockmap_set(skip, 21);
+        tap_is_int((long long) blockmap_request_bitmap(m, skip, 20, 24, buf), 3, "skip: 3 wanted");
+        tap_ok(bytes_are(buf, 3, "\x11\x00\x80"), "skip bitmap 11 00 80");
+        /* A window past the end asks for nothing beyond it. */
+        tap_is_int((long long) blockmap_request_bitmap(m, NULL, 40, 32, buf), 1, "window past the end");
+        tap_ok(bytes_are(buf, 4, "\x08\x00\x00\x00"), "window past the end bitmap");
+        blockmap_free(skip);
+        blockmap_free(m);
+}
+
+static void test_remap(void) {
+        struct blockmap *m, *half, *back;
+
+        blockmap_new(10000, 4096, &m);
+        blockmap_set(m, 0);
+        blockmap_set(m, 2);
+        tap_is_int(blockmap_remap(m, 2048, &half), 0, "remap 4096 -> 2048");
+        tap_is_int((long long) blockmap_blocks(half), 5, "5 blocks of 2048");
+        tap_ok(blockmap_test(half, 0) && blockmap_test(half, 1) && !blockmap_test(half, 2) &&
+               !blockmap_test(half, 3) && blockmap_test(half, 4), "received bytes carried over exactly");
+        blockmap_clear(half, 1);
+        tap_is_int(blockmap_remap(half, 4096, &back), 0, "remap 2048 -> 4096");
+        tap_ok(!blockmap_test(back, 0) && !blockmap_test(back, 1) && blockmap_test(back, 2) &&
+               blockmap_count(back) == 1, "partly received blocks count as missing");
+        blockmap_free(back);
+        blockmap_free(half);
+
+        /* Unaligned: 3000-byte blocks to 256. */
+        tap_is_int(blockmap_remap(m, 3000, &back), 0, "remap 4096 -> 3000");
+        tap_ok(blockmap_test(back, 0) && !blockmap_test(back, 1) && !blockmap_test(back, 2) && blockmap_test(back, 3),
+               "only blocks wholly inside received bytes (0..4095, 8192..9999)");
+        blockmap_free(back);
+        blockmap_free(m);
+}
+
+static void test_persistence(const char *dir) {
+        _cleanup_free_ char *path = NULL, *tmp = NULL, *raw = NULL;
+        struct download_file file = { .job_id = "AFR_OTA-job1", .file_index = 1, .size = 1000000, .signature = SIG };
+        struct download_file other;
+        struct blockmap *m, *loaded = NULL;
+        size_t size;
+        int bad = 0;
+
+        if (asprintf(&path, "%s/progress", dir) < 0 || asprintf(&tmp, "%s/progress.tmp", dir) < 0)
+                abort();
+        file.state_path = path;
+
+        tap_is_int(blockmap_load(path, &file, &loaded), -ENOENT, "nothing saved yet: -ENOENT");
+
+        blockmap_new(file.size, 4096, &m);
+        for (uint64_t i = 0; i < blockmap_blocks(m); i += 3)
+                blockmap_set(m, i);
+        tap_is_int(blockmap_save(m, &file, path), 0, "save");
+        tap_ok(access(tmp, F_OK) < 0, "no .tmp left behind");
+        tap_is_int(blockmap_load(path, &file, &loaded), 0, "load");
+        tap_ok(loaded && blockmap_count(loaded) == blockmap_count(m) && blockmap_block_size(loaded) == 4096 &&
+               blockmap_test(loaded, 3) && !blockmap_test(loaded, 4), "same blocks after load");
+        blockmap_free(loaded);
+        loaded = NULL;
+
+        /* A stale tmp from a crash mid-save does not matter. */
+        write_file_atomic(tmp, "garbage", 7, 0600);
+        tap_is_int(blockmap_load(path, &file, &loaded), 0, "stale .tmp ignored");
+        blockmap_free(loaded);
+        loaded = NULL;
+
+        other = file;
+        other.job_id = "AFR_OTA-job2";
+        tap_is_int(blockmap_load(path, &other, &loaded), -ESTALE, "another job: -ESTALE");
+        other = file;
+        other.file_index = 0;
+        tap_is_int(blockmap_load(path, &other, &loaded), -ESTALE, "another file index: -ESTALE");
+        other = file;
+        other.size = 1000001;
+        tap_is_int(blockmap_load(path, &other, &loaded), -ESTALE, "another size: -ESTALE");
+        other = file;
+        other.signature = "MEUCIQ==";
+        tap_is_int(blockmap_load(path, &other, &loaded), -ESTALE, "another signature: -ESTALE");
+        other = file;
+        other.signature = NULL;
+        tap_is_int(blockmap_load(path, &other, &loaded), -ESTALE, "unsigned vs signed: -ESTALE");
+        tap_ok(loaded == NULL, "ret untouched on failure");
+
+        /* Torn writes: every truncation, and every single flipped byte. */
+        tap_is_int(read_file_full(path, 1 << 20, &raw, &size), 0, "read the record back");
+        for (size_t k = 0; k < size; k++) {
+                int fd = open(path, O_WRONLY | O_TRUNC);
+
+                if (fd < 0 || write(fd, raw, k) != (ssize_t) k)
+                        abort();
+                close(fd);
+                if (blockmap_load(path, &file, &loaded) != -EBADMSG)
+                        bad++;
+        }
+        tap_ok(bad == 0, "all %zu truncations: -EBADMSG (%d not)", size, bad);
+        bad = 0;
+        for (size_t k = 0; k < size; k++) {
+                raw[k] ^= 0x20;
+                write_file_atomic(path, raw, size, 0600);
+                if (blockmap_load(path, &file, &loaded) != -EBADMSG)
+                        bad++;
+                raw[k] ^= 0x20;
+        }
+        tap_ok(bad == 0, "all %zu flipped bytes: -EBADMSG (%d not)", size, bad);
+
+        /* After a block-size change the record keeps its block size. */
+        blockmap_free(m);
+        blockmap_new(file.size, 1024, &m);
+        blockmap_set(m, 976);
+        tap_is_int(blockmap_save(m, &file, path), 0, "save at 1024");
+        tap_ok(blockmap_load(path, &file, &loaded) == 0 && blockmap_block_size(loaded) == 1024 &&
+               blockmap_test(loaded, 976) && blockmap_block_length(loaded, 976) == 1000000 - 976 * 1024,
+               "loaded at 1024 with the short last block");
+        blockmap_free(loaded);
+        blockmap_free(m);
+        unlink(path);
+        unlink(tmp);
+}
+
+int main(void) {
+        char dir[] = "/tmp/test-blockmap-XXXXXX";
+
+        if (!mkdtemp(dir))
+                abort();
+        test_accounting();
+        test_request_bitmap();
+        test_remap();
+        test_persistence(dir);
+        rmdir(dir);
+        return tap_done();
+}
