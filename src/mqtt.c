@@ -297,7 +297,14 @@ static void describe_failure(struct mqtt_session *s, int rc, char *buf, size_t s
                 snprintf(buf, size, "the broker's certificate is not trusted by %s: %s (wrong ca_file?)",
                          s->otad->config->mqtt.ca_file, X509_verify_cert_error_string(verify));
         else if (s->tls_error[0])
-                snprintf(buf, size, "TLS error: %s (broker refused our certificate %s?)", s->tls_error,
+                snprintf(buf, size, "TLS error: %s (did the broker refuse our certificate %s?)", s->tls_error,
+                         s->otad->config->mqtt.cert_file);
+        else if (s->state == SESSION_CONNECTING && (rc == MOSQ_ERR_ERRNO || rc == MOSQ_ERR_CONN_LOST))
+                /* TLS 1.3 and some brokers drop a refused client certificate
+                 * without an alert we could quote. */
+                snprintf(buf, size,
+                         "%s before CONNACK (the broker may be restarting, or it refused our certificate %s)",
+                         rc == MOSQ_ERR_ERRNO ? strerror(errno) : "connection closed",
                          s->otad->config->mqtt.cert_file);
         else
                 snprintf(buf, size, "%s", mosq_rc_string(rc));
@@ -372,7 +379,7 @@ static int on_io(sd_event_source *es, int fd, uint32_t revents, void *userdata) 
                         describe_failure(s, MOSQ_ERR_CONN_LOST, reason, sizeof(reason));
                         if (!s->tls_error[0] && !s->hostname_mismatch)
                                 snprintf(reason, sizeof(reason),
-                                         "the broker closed the connection during the TLS handshake (refused our certificate %s?)",
+                                         "the broker closed the connection during the TLS handshake (it may be restarting, or it refused our certificate %s)",
                                          s->otad->config->mqtt.cert_file);
                         session_lost(s, reason);
                         return 0;

@@ -1,0 +1,335 @@
+#!/usr/bin/python3
+"""otad's MQTT session and Jobs client against the local AWS IoT stand-in
+(TLS mosquitto + the Jobs state machine, tests/standin): what an operator
+would check in the console and the journal.
+
+Run: /usr/bin/python3 tests/standin/tap.py tests/integration/test_jobs.py
+(OTAD_BIN picks the daemon, default build/src/otad).
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "standin"))
+
+import harness  # noqa: E402
+
+# Every wait is bounded; these are generous for a loaded CI machine.
+CONNECT_TIMEOUT = 15
+JOB_TIMEOUT = 30
+
+FAST_RECONNECT = {"reconnect_min": 1, "reconnect_max": 2}
+
+
+def write_handler(directory, name, body, mode=0o755):
+    path = os.path.join(directory, name)
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + body)
+    os.chmod(path, mode)
+    return path
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for every practical purpose but still answers kill 0.
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
+        time.sleep(0.1)
+
+
+class JobsTestCase(unittest.TestCase):
+    """One stack (PKI, broker, stand-in) for the class; every test uses its
+    own thing, so that jobs and logs never mix."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = harness.Stack(things=["thing-setup"]).__enter__()
+        # A handler dir as the brief for users says: owned by root, 0755.
+        cls.handlers = tempfile.mkdtemp(prefix="handlers-", dir=cls.stack.workdir)
+        os.chmod(cls.handlers, 0o755)
+        write_handler(cls.handlers, "hello",
+                      'echo "hello from $OTAD_THING_NAME job $OTAD_JOB_ID"\n'
+                      'read -r doc\necho "stdin: $doc"\necho "a warning" >&2\n')
+        write_handler(cls.handlers, "fail3", 'echo "disk full"\nexit 3\n')
+        write_handler(cls.handlers, "slow",
+                      'echo $$ > "$(dirname "$0")/../slow-$OTAD_JOB_ID.pid"\n'
+                      'sleep 300\n')
+        write_handler(cls.handlers, "order",
+                      'sleep 1\necho "$OTAD_JOB_ID" >> "$(dirname "$0")/../order-$OTAD_THING_NAME"\n')
+        write_handler(cls.handlers, "nap3", 'sleep 3\necho "rested"\n')
+        write_handler(cls.handlers, "writable", 'echo never\n', mode=0o777)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.stack.close()
+
+    def setUp(self):
+        self.thing = "thing-" + self.id().rsplit(".", 1)[-1].replace("test_", "").replace("_", "-")
+        self.stack.add_thing(self.thing)
+        self.service = self.stack.service
+        self.record = self.service.record
+
+    def start_otad(self, mqtt=None, jobs=None):
+        sections = {"mqtt": dict(FAST_RECONNECT, **(mqtt or {})),
+                    "jobs": dict({"handler_dir": self.handlers}, **(jobs or {}))}
+        otad = self.stack.start_otad(self.thing, sections)
+        self.addCleanup(otad.stop)
+        return otad
+
+    def start_connected(self, **kw):
+        otad = self.start_otad(**kw)
+        otad.wait_for_log(r"Connected to localhost", CONNECT_TIMEOUT)
+        # Subscribed and asked for the next job: ready for notify-next.
+        wait_until(lambda: self.next_get_count() >= 1, CONNECT_TIMEOUT, "$next/get")
+        return otad
+
+    def next_get_count(self):
+        return len([r for r in self.record.requests(thing=self.thing, api="jobs/describe")
+                    if r.get("topic", "").endswith("/jobs/$next/get")])
+
+    def updates(self, job_id):
+        return [u for u in self.record.status_updates(thing=self.thing, job_id=job_id)]
+
+    def final(self, job_id, timeout=JOB_TIMEOUT):
+        status = self.service.wait_terminal(self.thing, job_id, timeout)
+        return status, self.service.job_execution(self.thing, job_id)
+
+    def assert_running(self, otad):
+        self.assertTrue(otad.running(), "otad exited:\n" + otad.log()[-2000:])
+
+    def queue_oversize(self, job_id, document):
+        # The stand-in refuses > 32 KiB like AWS would at CreateJob; go
+        # around that check to see what otad does if one arrives anyway.
+        self.service._send_all(self.thing, self.service.jobs.queue(self.thing, job_id, document))
+
+    def notify_next_raw(self, payload):
+        topic = "$aws/things/%s/jobs/notify-next" % self.thing
+        info = self.service.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(5)
+
+
+class TestSession(JobsTestCase):
+    def test_connects_with_thing_certificate(self):
+        otad = self.start_connected()
+        # The broker's ACL lets a client publish only under the thing of its
+        # certificate's CN, so a recorded $next/get proves who connected.
+        self.assertGreaterEqual(self.next_get_count(), 1)
+        self.assertTrue(otad.grep(r"Connected to localhost:\d+ as %s" % self.thing))
+        self.assert_running(otad)
+
+    def test_wrong_ca_is_refused_clearly_and_retried(self):
+        otad = self.start_otad(mqtt={"ca_file": self.stack.pki.rogue_cert})
+        otad.wait_for_log(r"not trusted by .*rogue\.crt", CONNECT_TIMEOUT)
+        # Still trying, with backoff, and never connected insecurely.
+        wait_until(lambda: len(otad.grep(r"not trusted by")) >= 2, CONNECT_TIMEOUT, "a second attempt")
+        self.assertFalse(otad.grep(r"Connected to"))
+        self.assertEqual(self.next_get_count(), 0)
+        self.assert_running(otad)
+
+    def test_wrong_host_name_is_refused_clearly(self):
+        # "vm" resolves to 127.0.0.1 but is not in the broker's certificate.
+        otad = self.start_otad(mqtt={"endpoint": "vm"})
+        otad.wait_for_log(r"does not match the host name vm", CONNECT_TIMEOUT)
+        self.assertFalse(otad.grep(r"Connected to"))
+        self.assert_running(otad)
+
+    def test_refused_client_certificate_is_reported(self):
+        pki = self.stack.pki
+        otad = self.start_otad(mqtt={"cert_file": pki.rogue_cert, "key_file": pki.rogue_key})
+        otad.wait_for_log(r"Connection to localhost:\d+ failed: .*refuse.*rogue\.crt", CONNECT_TIMEOUT)
+        self.assertFalse(otad.grep(r"Connected to"))
+        self.assert_running(otad)
+
+
+class TestCustomJobs(JobsTestCase):
+    def test_handler_output_in_succeeded_status(self):
+        otad = self.start_connected()
+        self.service.queue_job(self.thing, "hello-1", {"operation": "hello", "n": 7})
+        status, execution = self.final("hello-1")
+        self.assertEqual(status, "SUCCEEDED")
+        details = execution["statusDetails"]
+        self.assertEqual(details["reason"], "exit status 0")
+        self.assertEqual(details["stdout"],
+                         'hello from %s job hello-1 stdin: {"operation":"hello","n":7}' % self.thing)
+        # IN_PROGRESS first, then the terminal status, each accepted.
+        statuses = [(u["request"]["status"], u["outcome"]) for u in self.updates("hello-1")]
+        self.assertEqual(statuses, [("IN_PROGRESS", "accepted"), ("SUCCEEDED", "accepted")])
+        self.assertTrue(otad.grep(r"hello\[\d+\] \(stderr\): a warning"))
+        self.assertTrue(otad.grep(r"Job hello-1: handler hello finished: exit status 0"))
+
+    def test_failing_handler_ends_failed(self):
+        self.start_connected()
+        self.service.queue_job(self.thing, "fail-1", {"operation": "fail3"})
+        status, execution = self.final("fail-1")
+        self.assertEqual(status, "FAILED")
+        self.assertEqual(execution["statusDetails"], {"reason": "exit status 3", "stdout": "disk full"})
+
+    def test_unknown_operation_is_rejected(self):
+        otad = self.start_connected()
+        self.service.queue_job(self.thing, "unknown-1", {"operation": "reboot-the-moon"})
+        status, execution = self.final("unknown-1")
+        self.assertEqual(status, "REJECTED")
+        self.assertIn('unknown operation "reboot-the-moon"', execution["statusDetails"]["reason"])
+        # It did not block the queue.
+        self.service.queue_job(self.thing, "unknown-2", {"operation": "hello"})
+        self.assertEqual(self.final("unknown-2")[0], "SUCCEEDED")
+        self.assert_running(otad)
+
+    def test_unsafe_operation_names_and_files_are_rejected(self):
+        self.start_connected()
+        self.service.queue_job(self.thing, "unsafe-1", {"operation": "../../bin/sh"})
+        status, execution = self.final("unsafe-1")
+        self.assertEqual(status, "REJECTED")
+        self.assertIn("invalid operation name", execution["statusDetails"]["reason"])
+        self.service.queue_job(self.thing, "unsafe-2", {"operation": "writable"})
+        status, execution = self.final("unsafe-2")
+        self.assertEqual(status, "REJECTED")
+        self.assertIn("not writable by group or others", execution["statusDetails"]["reason"])
+
+    def test_two_queued_jobs_run_in_order(self):
+        self.start_connected()
+        self.service.queue_job(self.thing, "order-1", {"operation": "order"})
+        self.service.queue_job(self.thing, "order-2", {"operation": "order"})
+        self.assertEqual(self.final("order-1")[0], "SUCCEEDED")
+        self.assertEqual(self.final("order-2")[0], "SUCCEEDED")
+        with open(os.path.join(self.stack.workdir, "order-" + self.thing)) as f:
+            self.assertEqual(f.read().split(), ["order-1", "order-2"])
+        # order-2 started only after order-1 was finished.
+        updates = self.record.status_updates(thing=self.thing)
+        sequence = [(u["job_id"], u["request"]["status"]) for u in updates]
+        self.assertEqual(sequence, [("order-1", "IN_PROGRESS"), ("order-1", "SUCCEEDED"),
+                                    ("order-2", "IN_PROGRESS"), ("order-2", "SUCCEEDED")])
+
+    def test_cancelled_job_stops_its_handler(self):
+        otad = self.start_connected()
+        self.service.queue_job(self.thing, "slow-1", {"operation": "slow"})
+        self.service.wait_for_status(self.thing, "slow-1", "IN_PROGRESS", JOB_TIMEOUT)
+        pidfile = os.path.join(self.stack.workdir, "slow-slow-1.pid")
+        wait_until(lambda: os.path.exists(pidfile) and open(pidfile).read().strip(), JOB_TIMEOUT, "the handler")
+        pid = int(open(pidfile).read())
+        self.assertTrue(pid_alive(pid))
+        self.service.cancel_job(self.thing, "slow-1")
+        wait_until(lambda: not pid_alive(pid), 15, "the cancelled handler to go away")
+        otad.wait_for_log(r"Job slow-1: stopping handler slow", 5)
+        self.assertEqual(self.service.job_status(self.thing, "slow-1"), "CANCELED")
+        # Nothing is reported for a cancelled job: only the IN_PROGRESS.
+        time.sleep(1)
+        self.assertEqual([u["request"]["status"] for u in self.updates("slow-1")], ["IN_PROGRESS"])
+        self.service.queue_job(self.thing, "after-cancel", {"operation": "hello"})
+        self.assertEqual(self.final("after-cancel")[0], "SUCCEEDED")
+
+    def test_handler_timeout_fails_the_job(self):
+        self.start_connected(jobs={"handler_timeout": 2})
+        self.service.queue_job(self.thing, "timeout-1", {"operation": "slow"})
+        status, execution = self.final("timeout-1")
+        self.assertEqual(status, "FAILED")
+        self.assertEqual(execution["statusDetails"]["reason"], "timed out after 2 s")
+        pid = int(open(os.path.join(self.stack.workdir, "slow-timeout-1.pid")).read())
+        wait_until(lambda: not pid_alive(pid), 10, "the timed-out handler to go away")
+
+
+class TestMalformed(JobsTestCase):
+    def test_document_not_json(self):
+        otad = self.start_connected()
+        # jobDocument is typed "string" in the API: a string that is not JSON.
+        self.service.queue_job(self.thing, "notjson-1", "this is not { json")
+        status, execution = self.final("notjson-1")
+        self.assertEqual(status, "REJECTED")
+        self.assertEqual(execution["statusDetails"]["reason"], "the job document is not valid JSON")
+        self.assertTrue(otad.grep(r"Job notjson-1: rejecting: the job document is not valid JSON"))
+        self.assert_running(otad)
+
+    def test_message_not_json(self):
+        otad = self.start_connected()
+        self.notify_next_raw(b"\x00garbage{")
+        otad.wait_for_log(r"Ignoring a message on jobs/notify-next that is not a JSON object", 10)
+        self.service.queue_job(self.thing, "after-garbage", {"operation": "hello"})
+        self.assertEqual(self.final("after-garbage")[0], "SUCCEEDED")
+        self.assert_running(otad)
+
+    def test_wrong_types(self):
+        otad = self.start_connected()
+        self.service.queue_job(self.thing, "types-1", {"operation": 42})
+        status, execution = self.final("types-1")
+        self.assertEqual(status, "REJECTED")
+        self.assertEqual(execution["statusDetails"]["reason"], "the job document's \"operation\" must be a string")
+        self.assertTrue(otad.grep(r"Job types-1: rejecting: .*must be a string"))
+        self.service.queue_job(self.thing, "types-2", ["an", "array"])
+        status, execution = self.final("types-2")
+        self.assertEqual(status, "REJECTED")
+        self.assertEqual(execution["statusDetails"]["reason"], "the job document is not a JSON object")
+        self.assert_running(otad)
+
+    def test_document_over_32_kib(self):
+        otad = self.start_connected()
+        self.queue_oversize("big-1", {"operation": "hello", "pad": "x" * 40 * 1024})
+        status, execution = self.final("big-1")
+        self.assertEqual(status, "REJECTED")
+        self.assertRegex(execution["statusDetails"]["reason"],
+                         r"^the job document is \d+ bytes, more than AWS's limit of 32768$")
+        # The handler never ran.
+        self.assertEqual([u["request"]["status"] for u in self.updates("big-1")], ["REJECTED"])
+        self.assert_running(otad)
+
+    def test_bad_job_id(self):
+        otad = self.start_connected()
+        for bad in ("bad id with spaces", "x" * 65, "../escape"):
+            self.notify_next_raw(json.dumps({"timestamp": 1, "execution": {
+                "jobId": bad, "status": "QUEUED", "versionNumber": 1, "executionNumber": 1,
+                "jobDocument": {"operation": "hello"}}}).encode())
+            otad.wait_for_log(r"Ignoring job '%s" % bad[:20].replace(".", r"\."), 10)
+        # An id we cannot put in an update topic is never answered: nothing
+        # was published for it, and the next real job still runs.
+        self.assertEqual(self.record.status_updates(thing=self.thing), [])
+        self.service.queue_job(self.thing, "after-bad-id", {"operation": "hello"})
+        self.assertEqual(self.final("after-bad-id")[0], "SUCCEEDED")
+        self.assert_running(otad)
+
+    def test_ota_document_without_ota_handler_does_not_block(self):
+        # Until an afr_ota handler is registered, such a job must end.
+        otad = self.start_connected()
+        self.service.queue_job(self.thing, "AFR_OTA-x", {"afr_ota": {"protocols": ["MQTT"], "files": []}})
+        status, execution = self.final("AFR_OTA-x")
+        self.assertIn(status, ("REJECTED", "FAILED"))
+        self.assertTrue(execution["statusDetails"].get("reason"))
+        self.service.queue_job(self.thing, "after-ota", {"operation": "hello"})
+        self.assertEqual(self.final("after-ota")[0], "SUCCEEDED")
+        self.assert_running(otad)
+
+
+class TestBrokerRestart(JobsTestCase):
+    def test_reconnects_and_asks_next_again(self):
+        otad = self.start_connected()
+        self.service.queue_job(self.thing, "restart-1", {"operation": "nap3"})
+        self.service.wait_for_status(self.thing, "restart-1", "IN_PROGRESS", JOB_TIMEOUT)
+        asked = self.next_get_count()
+        # Down while the handler runs: its SUCCEEDED waits for the reconnect.
+        self.service.restart_broker(down_seconds=1.0)
+        otad.wait_for_log(r"Disconnected from localhost", 10)
+        wait_until(lambda: len(otad.grep(r"Connected to localhost")) >= 2, CONNECT_TIMEOUT, "the reconnect")
+        wait_until(lambda: self.next_get_count() > asked, CONNECT_TIMEOUT, "$next/get after the reconnect")
+        status, execution = self.final("restart-1")
+        self.assertEqual(status, "SUCCEEDED")
+        self.assertEqual(execution["statusDetails"]["stdout"], "rested")
+        self.assert_running(otad)
+
+
+if __name__ == "__main__":
+    unittest.main()
