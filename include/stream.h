@@ -1,0 +1,46 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * stream: downloads one file of an AWS IoT MQTT file stream (protocol.md
+ * §3, §6.3-6.5) as a transfer of include/download.h. Owns the GetStream
+ * request window, pacing, timeouts, momentum, reactions to rejections, block
+ * validation and the block map that lets a restarted otad fetch only what is
+ * missing. Never decides where bytes go (ops->write) or what the result
+ * means (ops->finished); never stops the daemon.
+ *
+ * Uses [ota] block_size, window, max_requests_per_second, request_timeout
+ * and momentum from the configuration.
+ */
+#pragma once
+
+#include <stdint.h>
+
+#include "download.h"
+#include "otad.h"
+
+struct stream_download;
+
+/* What one transfer did, for the journal and benchmarks. */
+struct stream_stats {
+        uint64_t blocks_received;  /* new blocks written in this run */
+        uint64_t blocks_resumed;   /* blocks a progress record already counted */
+        uint64_t duplicates;       /* blocks that arrived again, ignored */
+        uint64_t bad_blocks;       /* undecodable or invalid, dropped unwritten */
+        uint64_t requests;         /* GetStream requests published */
+        uint64_t timeouts;         /* requests given up after request_timeout */
+        uint64_t rejections;       /* messages on rejected/cbor */
+        uint32_t block_size;       /* current; smaller after BlockSizeOutOfBounds */
+};
+
+/* Starts fetching file file_id of stream_name, described by file (copied).
+ * A progress record at file->state_path for the same job, file index, size
+ * and signature is resumed; any other is discarded. The result arrives
+ * through ops->finished(), never synchronously from this call; the owner may
+ * free the transfer from inside finished(). */
+int stream_download_new(struct otad *otad, const char *stream_name, unsigned file_id,
+                        const struct download_file *file, const struct download_ops *ops, void *userdata,
+                        struct stream_download **ret);
+/* Stops the transfer (if still running) without calling finished(). NULL
+ * is fine. The progress record stays for a later resume. */
+void stream_download_free(struct stream_download *d);
+
+void stream_download_get_stats(const struct stream_download *d, struct stream_stats *ret);

@@ -1,0 +1,779 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "blockmap.h"
+#include "config.h"
+#include "log.h"
+#include "macro.h"
+#include "mqtt.h"
+#include "stream.h"
+#include "stream_codec.h"
+
+/* AWS caps one GetStream answer at 128 KiB and a block at 256..131072 bytes
+ * (protocol.md §3.2, §3.7). */
+#define REQUEST_BYTES_MAX 131072u
+#define BLOCK_SIZE_MIN 256u
+#define BLOCK_SIZE_MAX 131072u
+#define REQUEST_BLOCKS_MAX (REQUEST_BYTES_MAX / BLOCK_SIZE_MIN)
+/* Progress is made durable every 1 MiB of blocks or every second, whichever
+ * comes first: a kill -9 costs at most that plus the blocks in flight. */
+#define CHECKPOINT_BYTES (1u << 20)
+#define CHECKPOINT_USEC 1000000ull
+#define OFFLINE_POLL_USEC 1000000ull
+#define BACKOFF_MIN_USEC 1000000ull
+#define BACKOFF_MAX_USEC 30000000ull
+
+#define USEC_PER_SEC 1000000ull
+
+/* One GetStream request in flight: the blocks it asked for. */
+struct request_slot {
+        bool active;
+        uint64_t seq;         /* order of sending */
+        uint64_t offset;      /* "o" */
+        uint32_t n;           /* "n" */
+        uint64_t outstanding; /* asked-for blocks not yet received */
+        uint64_t deadline;    /* CLOCK_MONOTONIC usec */
+        uint8_t bitmap[REQUEST_BLOCKS_MAX / 8];
+};
+
+struct stream_download {
+        struct otad *otad;
+        struct mqtt_session *mqtt;
+        unsigned file_id;
+        char *topic_get, *topic_data, *topic_rejected;
+        struct download_file file; /* strings owned */
+        const struct download_ops *ops;
+        void *userdata;
+
+        struct mqtt_subscription *sub_data, *sub_rejected;
+        bool data_ready, rejected_ready;
+
+        struct blockmap *received; /* durable meaning: written and (once saved) synced */
+        struct blockmap *inflight; /* asked for by an active slot */
+        uint32_t block_size;
+        uint32_t request_blocks;   /* blocks per request: 128 KiB / block size */
+        unsigned generation;       /* block-size changes, carried in the client token */
+        char token[16];
+
+        struct request_slot *slots;
+        unsigned window;
+        uint64_t next_seq;
+        uint64_t cursor;           /* where the next request window search starts */
+        uint64_t next_send;        /* pacing: earliest time of the next request */
+        uint64_t interval;         /* 1 s / max_requests_per_second */
+        uint64_t timeout;          /* request_timeout */
+        unsigned momentum, momentum_max;
+        bool silent;               /* a timeout passed without any new block: probe with one request */
+        uint64_t blocks_at_last_timeout;
+        uint64_t backoff, backoff_until;
+        bool offline;
+
+        uint64_t unsaved_blocks, unsaved_since, checkpoint_blocks;
+        bool save_failed_logged;
+
+        sd_event_source *timer, *finish_source;
+        bool finished;
+        int result;
+        char reason[256];
+
+        struct stream_stats stats;
+};
+
+static void pump(struct stream_download *d);
+
+static uint64_t now_usec(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / 1000;
+}
+
+/* ---- ending ------------------------------------------------------------ */
+
+static int on_finish_event(sd_event_source *s, void *userdata) {
+        struct stream_download *d = userdata;
+
+        /* The owner may free d in finished(): touch nothing after it. */
+        d->ops->finished(d->result, d->reason[0] ? d->reason : NULL, d->userdata);
+        return 0;
+}
+
+/* Ends the transfer once; finished() runs from its own event so that the
+ * owner may free us there, whatever stack we are on now. */
+static void finish(struct stream_download *d, int result, const char *format, ...)
+        __attribute__((format(printf, 3, 4)));
+
+static void finish(struct stream_download *d, int result, const char *format, ...) {
+        int r;
+
+        if (d->finished)
+                return;
+        d->finished = true;
+        d->result = result;
+        if (format) {
+                va_list ap;
+
+                va_start(ap, format);
+                vsnprintf(d->reason, sizeof d->reason, format, ap);
+                va_end(ap);
+        }
+        d->timer = sd_event_source_disable_unref(d->timer);
+        /* Like the reference agent, stop listening once the file is closed. */
+        mqtt_unsubscribe(d->sub_data);
+        mqtt_unsubscribe(d->sub_rejected);
+        d->sub_data = d->sub_rejected = NULL;
+
+        if (result == 0)
+                log_job(LOG_INFO, d->file.job_id, "download",
+                        "Stream file %u complete: %" PRIu64 " new blocks, %" PRIu64 " resumed, %" PRIu64
+                        " duplicates, %" PRIu64 " bad, %" PRIu64 " requests, %" PRIu64 " timeouts",
+                        d->file_id, d->stats.blocks_received, d->stats.blocks_resumed, d->stats.duplicates,
+                        d->stats.bad_blocks, d->stats.requests, d->stats.timeouts);
+        else
+                log_job(LOG_ERR, d->file.job_id, "download", "Stream file %u failed: %s", d->file_id, d->reason);
+
+        r = sd_event_add_defer(d->otad->event, &d->finish_source, on_finish_event, d);
+        if (r < 0) {
+                /* Cannot defer: call it now rather than never. */
+                log_error("Failed to schedule the end of the stream transfer: %s", strerror(-r));
+                d->ops->finished(d->result, d->reason[0] ? d->reason : NULL, d->userdata);
+        }
+}
+
+/* ---- persistence ------------------------------------------------------- */
+
+/* Data first, then the map that counts it (download.h). */
+static int checkpoint(struct stream_download *d) {
+        int r;
+
+        if (d->unsaved_blocks == 0 && d->unsaved_since == 0)
+                return 0;
+        r = d->ops->sync(d->userdata);
+        if (r < 0) {
+                finish(d, r, "sync failed: %s", strerror(-r));
+                return r;
+        }
+        if (d->file.state_path) {
+                r = blockmap_save(d->received, &d->file, d->file.state_path);
+                if (r < 0 && !d->save_failed_logged) {
+                        /* Only resuming suffers; the download goes on. */
+                        log_job(LOG_WARNING, d->file.job_id, "download",
+                                "Failed to save download progress to %s: %s, continuing without",
+                                d->file.state_path, strerror(-r));
+                        d->save_failed_logged = true;
+                }
+        }
+        d->unsaved_blocks = 0;
+        d->unsaved_since = 0;
+        return 0;
+}
+
+/* ---- the request window ------------------------------------------------ */
+
+/* Gives up on a request: its blocks that did not come become requestable. */
+static void slot_release(struct stream_download *d, struct request_slot *s) {
+        for (uint32_t k = 0; k < s->n; k++)
+                if (s->bitmap[k >> 3] & (1u << (k & 7)))
+                        blockmap_clear(d->inflight, s->offset + k);
+        s->active = false;
+}
+
+static void release_all(struct stream_download *d) {
+        for (unsigned i = 0; i < d->window; i++)
+                if (d->slots[i].active)
+                        slot_release(d, &d->slots[i]);
+}
+
+static unsigned active_slots(const struct stream_download *d) {
+        unsigned n = 0;
+
+        for (unsigned i = 0; i < d->window; i++)
+                n += d->slots[i].active;
+        return n;
+}
+
+/* The next block that is neither received nor asked for, searching from the
+ * cursor and wrapping once; blockmap_blocks() when there is none. */
+static uint64_t next_wanted(struct stream_download *d) {
+        uint64_t n = blockmap_blocks(d->received);
+
+        for (int pass = 0; pass < 2; pass++) {
+                uint64_t i = pass == 0 ? d->cursor : 0, end = pass == 0 ? n : d->cursor;
+
+                while (i < end) {
+                        i = blockmap_missing_next(d->received, i);
+                        if (i >= end)
+                                break;
+                        if (!blockmap_test(d->inflight, i))
+                                return i;
+                        i++;
+                }
+        }
+        return n;
+}
+
+static bool anything_to_request(const struct stream_download *d) {
+        return blockmap_count(d->received) + blockmap_count(d->inflight) < blockmap_blocks(d->received);
+}
+
+/* Publishes one request for the missing blocks of the next window. Returns
+ * 1 when sent, 0 when there is nothing to ask for, <0 on errors. */
+static int send_request(struct stream_download *d, struct request_slot *s, uint64_t now) {
+        uint8_t msg[64 + REQUEST_BLOCKS_MAX / 8];
+        uint64_t start, wanted, total = blockmap_blocks(d->received);
+        uint32_t n;
+        int len, r;
+
+        start = next_wanted(d);
+        if (start >= total)
+                return 0;
+        n = (uint32_t) (total - start < d->request_blocks ? total - start : d->request_blocks);
+
+        memset(s, 0, sizeof *s);
+        wanted = blockmap_request_bitmap(d->received, d->inflight, start, n, s->bitmap);
+        /* "n" is exactly the window up to the last block asked for. */
+        while (n > 0 && !(s->bitmap[(n - 1) >> 3] & (1u << ((n - 1) & 7))))
+                n--;
+
+        len = stream_encode_request(&(struct stream_request){
+                                            .client_token = d->token,
+                                            .file_id = d->file_id,
+                                            .block_size = d->block_size,
+                                            .offset = (uint32_t) start,
+                                            .bitmap = s->bitmap,
+                                            .bitmap_len = (n + 7) / 8,
+                                            .n_blocks = n,
+                                    },
+                                    msg, sizeof msg);
+        if (len < 0)
+                return len;
+
+        /* QoS 0 like the reference agent: a lost request is a timeout. */
+        r = mqtt_publish(d->mqtt, d->topic_get, msg, (size_t) len, 0);
+        if (r < 0)
+                return r;
+
+        s->active = true;
+        s->seq = d->next_seq++;
+        s->offset = start;
+        s->n = n;
+        s->outstanding = wanted;
+        s->deadline = now + d->timeout;
+        for (uint32_t k = 0; k < n; k++)
+                if (s->bitmap[k >> 3] & (1u << (k & 7)))
+                        blockmap_set(d->inflight, start + k);
+        d->cursor = start + n;
+        d->stats.requests++;
+        d->momentum++;
+        log_debug("GetStream %s file %u: o=%" PRIu64 " n=%" PRIu32 " (%" PRIu64 " blocks)", d->topic_get,
+                  d->file_id, start, n, wanted);
+        return 1;
+}
+
+static void fill_window(struct stream_download *d, uint64_t now) {
+        unsigned limit = d->silent ? 1 : d->window;
+
+        while (!d->finished && active_slots(d) < limit && now >= d->next_send && now >= d->backoff_until &&
+               anything_to_request(d)) {
+                struct request_slot *s = NULL;
+                int r;
+
+                for (unsigned i = 0; i < d->window && !s; i++)
+                        if (!d->slots[i].active)
+                                s = &d->slots[i];
+
+                /* The momentum rule (§6.3): requests in a row without a new block. */
+                if (d->momentum >= d->momentum_max) {
+                        finish(d, -ETIMEDOUT, "no new block after %u requests", d->momentum);
+                        return;
+                }
+
+                r = send_request(d, s, now);
+                if (r == -ENOTCONN) {
+                        /* Offline: wait for the session to come back. */
+                        d->offline = true;
+                        return;
+                }
+                if (r < 0) {
+                        finish(d, r, "failed to send a GetStream request: %s", strerror(-r));
+                        return;
+                }
+                if (r == 0)
+                        return;
+                d->next_send = (d->next_send > now ? d->next_send : now) + d->interval;
+        }
+}
+
+static void expire_requests(struct stream_download *d, uint64_t now) {
+        bool expired = false;
+
+        for (unsigned i = 0; i < d->window; i++) {
+                struct request_slot *s = &d->slots[i];
+
+                if (!s->active || s->deadline > now)
+                        continue;
+                slot_release(d, s);
+                d->stats.timeouts++;
+                expired = true;
+        }
+        if (!expired)
+                return;
+        /* Silence since the last timeout: probe with one request at a time
+         * rather than repeating the whole window into the void. */
+        if (d->stats.blocks_received == d->blocks_at_last_timeout)
+                d->silent = true;
+        d->blocks_at_last_timeout = d->stats.blocks_received;
+}
+
+/* ---- the clock ----------------------------------------------------------- */
+
+static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        pump(userdata);
+        return 0;
+}
+
+static void schedule(struct stream_download *d, uint64_t now) {
+        uint64_t next = UINT64_MAX;
+        int r;
+
+        if (d->finished)
+                return;
+        for (unsigned i = 0; i < d->window; i++)
+                if (d->slots[i].active && d->slots[i].deadline < next)
+                        next = d->slots[i].deadline;
+        if (d->offline)
+                next = now + OFFLINE_POLL_USEC < next ? now + OFFLINE_POLL_USEC : next;
+        else if (d->data_ready && d->rejected_ready && anything_to_request(d) &&
+                 active_slots(d) < (d->silent ? 1u : d->window)) {
+                uint64_t t = d->next_send > d->backoff_until ? d->next_send : d->backoff_until;
+
+                next = t < next ? t : next;
+        }
+        if (d->unsaved_since && d->unsaved_since + CHECKPOINT_USEC < next)
+                next = d->unsaved_since + CHECKPOINT_USEC;
+        if (next == UINT64_MAX) {
+                sd_event_source_set_enabled(d->timer, SD_EVENT_OFF);
+                return;
+        }
+        r = sd_event_source_set_time(d->timer, next);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(d->timer, SD_EVENT_ONESHOT);
+        if (r < 0)
+                finish(d, r, "failed to arm the stream timer: %s", strerror(-r));
+}
+
+/* Everything that may happen after an event: timeouts, reconnects,
+ * checkpoints, completion, new requests, and the next wake-up. */
+static void pump(struct stream_download *d) {
+        uint64_t now = now_usec();
+
+        if (d->finished)
+                return;
+
+        if (d->unsaved_since && now >= d->unsaved_since + CHECKPOINT_USEC && checkpoint(d) < 0)
+                return;
+
+        if (blockmap_complete(d->received)) {
+                if (checkpoint(d) < 0)
+                        return;
+                finish(d, 0, NULL);
+                return;
+        }
+
+        if (!d->data_ready || !d->rejected_ready) {
+                schedule(d, now);
+                return;
+        }
+
+        if (d->offline) {
+                if (!mqtt_session_is_connected(d->mqtt)) {
+                        schedule(d, now);
+                        return;
+                }
+                /* Back online: whatever was in flight is lost; ask again. */
+                log_job(LOG_INFO, d->file.job_id, "download", "Connected again, re-requesting missing blocks");
+                d->offline = false;
+                release_all(d);
+        }
+
+        expire_requests(d, now);
+        fill_window(d, now);
+        schedule(d, now);
+}
+
+/* ---- incoming messages --------------------------------------------------- */
+
+static struct request_slot *slot_of_block(struct stream_download *d, uint64_t index) {
+        for (unsigned i = 0; i < d->window; i++) {
+                struct request_slot *s = &d->slots[i];
+                uint64_t k = index - s->offset;
+
+                if (s->active && index >= s->offset && k < s->n && (s->bitmap[k >> 3] & (1u << (k & 7))))
+                        return s;
+        }
+        return NULL;
+}
+
+/* §6.4, improved: what is wrong with a block, NULL when nothing is. A bad
+ * block is dropped and asked for again later, never written, never fatal. */
+static const char *block_problem(const struct stream_download *d, const struct stream_block *b) {
+        if (b->file_id != d->file_id)
+                return "for another file id";
+        if (b->index >= blockmap_blocks(d->received))
+                return "index beyond the file";
+        if (b->length != b->payload_len)
+                return "l differs from the payload length";
+        if (b->length != blockmap_block_length(d->received, b->index))
+                return "wrong size for this block (an older block size?)";
+        return NULL;
+}
+
+static void on_data(const char *topic, const uint8_t *payload, size_t len, void *userdata) {
+        struct stream_download *d = userdata;
+        struct stream_block b;
+        struct request_slot *s;
+        const char *problem;
+        uint64_t now;
+        int r;
+
+        if (d->finished)
+                return;
+
+        if (stream_decode_block(payload, len, &b) < 0) {
+                d->stats.bad_blocks++;
+                log_debug("Dropping a message on %s: not a valid CBOR data message", topic);
+                return;
+        }
+        problem = block_problem(d, &b);
+        if (problem) {
+                d->stats.bad_blocks++;
+                log_debug("Dropping stream block %" PRIu64 " of file %u: %s", b.index, d->file_id, problem);
+                return;
+        }
+        if (blockmap_test(d->received, b.index)) {
+                /* No request for duplicates: that is how storms start (§9.4). */
+                d->stats.duplicates++;
+                return;
+        }
+
+        r = d->ops->write(b.index * (uint64_t) d->block_size, b.payload, b.payload_len, d->userdata);
+        if (r < 0) {
+                finish(d, r, "write failed at offset %" PRIu64 ": %s", b.index * (uint64_t) d->block_size,
+                       strerror(-r));
+                return;
+        }
+
+        now = now_usec();
+        blockmap_set(d->received, b.index);
+        blockmap_clear(d->inflight, b.index);
+        d->stats.blocks_received++;
+        d->momentum = 0;
+        d->silent = false;
+        d->backoff = 0;
+
+        s = slot_of_block(d, b.index);
+        if (s) {
+                uint64_t k = b.index - s->offset;
+
+                s->bitmap[k >> 3] &= (uint8_t) ~(1u << (k & 7));
+                if (--s->outstanding == 0)
+                        s->active = false;
+                /* Requests are answered in order: when blocks of a request
+                 * two sends later arrive, what is still missing from an
+                 * older one was lost; ask again now rather than at the
+                 * timeout. One request of slack tolerates reordering. */
+                for (unsigned i = 0; i < d->window; i++)
+                        if (d->slots[i].active && d->slots[i].seq + 2 <= s->seq)
+                                slot_release(d, &d->slots[i]);
+        }
+
+        if (d->unsaved_since == 0)
+                d->unsaved_since = now;
+        if (++d->unsaved_blocks >= d->checkpoint_blocks && checkpoint(d) < 0)
+                return;
+
+        if (d->ops->progress)
+                d->ops->progress(blockmap_count(d->received), blockmap_blocks(d->received), d->userdata);
+        pump(d);
+}
+
+static void set_token(struct stream_download *d) {
+        /* "rdy" like the reference agent; after a block-size change the
+         * generation is appended so that late rejections of older requests
+         * can be told apart. */
+        if (d->generation == 0)
+                snprintf(d->token, sizeof d->token, "rdy");
+        else
+                snprintf(d->token, sizeof d->token, "rdy%u", d->generation);
+}
+
+static int shrink_blocks(struct stream_download *d) {
+        struct blockmap *received = NULL, *inflight = NULL;
+        uint32_t size = d->block_size / 2;
+        int r;
+
+        r = blockmap_remap(d->received, size, &received);
+        if (r < 0)
+                return r;
+        r = blockmap_new(blockmap_file_size(d->received), size, &inflight);
+        if (r < 0) {
+                blockmap_free(received);
+                return r;
+        }
+        for (unsigned i = 0; i < d->window; i++)
+                d->slots[i].active = false;
+        blockmap_free(d->received);
+        blockmap_free(d->inflight);
+        d->received = received;
+        d->inflight = inflight;
+        d->block_size = size;
+        d->stats.block_size = size;
+        d->request_blocks = REQUEST_BYTES_MAX / size;
+        d->checkpoint_blocks = CHECKPOINT_BYTES / size;
+        d->cursor = 0;
+        d->generation++;
+        set_token(d);
+        /* The record at the old size stays valid until the next checkpoint
+         * replaces it with this (conservative) one. */
+        if (d->unsaved_since == 0)
+                d->unsaved_since = now_usec();
+        return 0;
+}
+
+static void on_rejected(const char *topic, const uint8_t *payload, size_t len, void *userdata) {
+        struct stream_download *d = userdata;
+        struct stream_rejection rej;
+        const char *c;
+        int r;
+
+        if (d->finished)
+                return;
+        if (stream_decode_rejection(payload, len, &rej) < 0) {
+                log_debug("Ignoring an undecodable message on %s", topic);
+                return;
+        }
+        d->stats.rejections++;
+        c = rej.code;
+
+        if (strcmp(c, "BlockSizeOutOfBounds") == 0) {
+                if (rej.client_token[0] && strcmp(rej.client_token, d->token) != 0)
+                        return; /* about a request at an older block size */
+                if (d->block_size / 2 < BLOCK_SIZE_MIN) {
+                        finish(d, -EPROTO, "stream rejected: %s: %s", c, rej.message);
+                        return;
+                }
+                log_job(LOG_WARNING, d->file.job_id, "download",
+                        "Stream %s refused %u-byte blocks (%s), retrying with %u", d->topic_get, d->block_size,
+                        rej.message, d->block_size / 2);
+                r = shrink_blocks(d);
+                if (r < 0) {
+                        finish(d, r, "failed to change the block size: %s", strerror(-r));
+                        return;
+                }
+        } else if (strcmp(c, "RequestThrottled") == 0 || strcmp(c, "InternalError") == 0 ||
+                   strcmp(c, "BlockCountLimitExceeded") == 0 || strcmp(c, "BlockBitmapLimitExceeded") == 0) {
+                /* Transient or a limit: back off, then ask again for what is
+                 * missing; the momentum rule bounds how long. */
+                d->backoff = d->backoff ? d->backoff * 2 : BACKOFF_MIN_USEC;
+                if (d->backoff > BACKOFF_MAX_USEC)
+                        d->backoff = BACKOFF_MAX_USEC;
+                d->backoff_until = now_usec() + d->backoff;
+                release_all(d);
+                log_job(LOG_NOTICE, d->file.job_id, "download", "Stream request rejected: %s: %s, retrying in %" PRIu64 " ms",
+                        c, rej.message, d->backoff / 1000);
+        } else {
+                /* ResourceNotFound, Unauthorized, VersionMismatch,
+                 * ETagMismatch and anything else: asking again cannot help. */
+                r = strcmp(c, "ResourceNotFound") == 0                                    ? -ENOENT
+                    : strcmp(c, "Unauthorized") == 0                                      ? -EACCES
+                    : strcmp(c, "VersionMismatch") == 0 || strcmp(c, "ETagMismatch") == 0 ? -ESTALE
+                                                                                          : -EPROTO;
+                finish(d, r, "stream rejected: %s: %s", c, rej.message);
+                return;
+        }
+        pump(d);
+}
+
+static void on_subscribed(bool granted, void *userdata, bool *ready, const char *which) {
+        struct stream_download *d = userdata;
+
+        if (d->finished)
+                return;
+        if (!granted) {
+                finish(d, -EACCES, "subscription to the stream's %s topic refused", which);
+                return;
+        }
+        /* Also after a reconnect without a stored session: whatever was in
+         * flight went nowhere. */
+        if (*ready)
+                release_all(d);
+        *ready = true;
+        pump(d);
+}
+
+static void on_data_subscribed(bool granted, void *userdata) {
+        struct stream_download *d = userdata;
+
+        on_subscribed(granted, userdata, &d->data_ready, "data");
+}
+
+static void on_rejected_subscribed(bool granted, void *userdata) {
+        struct stream_download *d = userdata;
+
+        on_subscribed(granted, userdata, &d->rejected_ready, "rejected");
+}
+
+/* ---- life cycle ---------------------------------------------------------- */
+
+static int load_progress(struct stream_download *d, uint32_t block_size) {
+        struct blockmap *m = NULL;
+        int r;
+
+        if (d->file.state_path) {
+                r = blockmap_load(d->file.state_path, &d->file, &m);
+                if (r == -ESTALE || r == -EBADMSG)
+                        log_job(LOG_INFO, d->file.job_id, "download", "Discarding progress record %s: %s",
+                                d->file.state_path, r == -ESTALE ? "it belongs to another job or file" : "damaged");
+                else if (r < 0 && r != -ENOENT)
+                        log_job(LOG_WARNING, d->file.job_id, "download",
+                                "Failed to read progress record %s: %s, starting over", d->file.state_path,
+                                strerror(-r));
+                else if (r == 0 && (blockmap_block_size(m) < BLOCK_SIZE_MIN || blockmap_block_size(m) > BLOCK_SIZE_MAX)) {
+                        blockmap_free(m);
+                        m = NULL;
+                }
+        }
+        if (!m) {
+                r = blockmap_new(d->file.size, block_size, &m);
+                if (r < 0)
+                        return r;
+        }
+        /* A record keeps its block size: it may be smaller than configured
+         * because the service refused bigger blocks. */
+        d->received = m;
+        d->block_size = blockmap_block_size(m);
+        d->stats.blocks_resumed = blockmap_count(m);
+        return blockmap_new(d->file.size, d->block_size, &d->inflight);
+}
+
+int stream_download_new(struct otad *otad, const char *stream_name, unsigned file_id,
+                        const struct download_file *file, const struct download_ops *ops, void *userdata,
+                        struct stream_download **ret) {
+        const struct otad_config *c = otad->config;
+        struct stream_download *d;
+        int64_t block_size = c->ota.block_size;
+        int r;
+
+        if (!stream_name || !*stream_name || file_id > 255 || file->size == 0 || !ops || !ops->write ||
+            !ops->sync || !ops->finished || !otad->mqtt)
+                return -EINVAL;
+        if (block_size < BLOCK_SIZE_MIN || block_size > BLOCK_SIZE_MAX)
+                block_size = 4096;
+
+        d = calloc(1, sizeof *d);
+        if (!d)
+                return -ENOMEM;
+        d->otad = otad;
+        d->mqtt = otad->mqtt;
+        d->file_id = file_id;
+        d->ops = ops;
+        d->userdata = userdata;
+        d->file = *file;
+        d->file.job_id = file->job_id ? strdup(file->job_id) : NULL;
+        d->file.signature = file->signature ? strdup(file->signature) : NULL;
+        d->file.state_path = file->state_path ? strdup(file->state_path) : NULL;
+        if ((file->job_id && !d->file.job_id) || (file->signature && !d->file.signature) ||
+            (file->state_path && !d->file.state_path)) {
+                r = -ENOMEM;
+                goto fail;
+        }
+        if (asprintf(&d->topic_get, "streams/%s/get/cbor", stream_name) < 0 ||
+            asprintf(&d->topic_data, "streams/%s/data/cbor", stream_name) < 0 ||
+            asprintf(&d->topic_rejected, "streams/%s/rejected/cbor", stream_name) < 0) {
+                r = -ENOMEM;
+                goto fail;
+        }
+
+        d->window = c->ota.window > 0 ? (unsigned) c->ota.window : 1;
+        d->interval = USEC_PER_SEC / (uint64_t) (c->ota.max_requests_per_second > 0 ? c->ota.max_requests_per_second : 1);
+        d->timeout = (uint64_t) (c->ota.request_timeout > 0 ? c->ota.request_timeout : 10) * USEC_PER_SEC;
+        d->momentum_max = c->ota.momentum > 0 ? (unsigned) c->ota.momentum : 32;
+        d->slots = calloc(d->window, sizeof *d->slots);
+        if (!d->slots) {
+                r = -ENOMEM;
+                goto fail;
+        }
+
+        r = load_progress(d, (uint32_t) block_size);
+        if (r < 0)
+                goto fail;
+        d->stats.block_size = d->block_size;
+        d->request_blocks = REQUEST_BYTES_MAX / d->block_size;
+        d->checkpoint_blocks = CHECKPOINT_BYTES / d->block_size;
+        if (d->block_size != (uint32_t) block_size)
+                d->generation = 1; /* resumed at a size the service forced on us */
+        set_token(d);
+
+        r = sd_event_add_time(otad->event, &d->timer, CLOCK_MONOTONIC, UINT64_MAX, 1000, on_timer, d);
+        if (r < 0)
+                goto fail;
+        sd_event_source_set_enabled(d->timer, SD_EVENT_OFF);
+
+        log_job(LOG_INFO, d->file.job_id, "download",
+                "Fetching stream %s file %u: %" PRIu64 " bytes in %" PRIu64 " blocks of %u, %" PRIu64
+                " already received", stream_name, file_id, d->file.size, blockmap_blocks(d->received),
+                d->block_size, blockmap_count(d->received));
+
+        if (blockmap_complete(d->received)) {
+                /* Everything arrived before a restart: nothing to fetch. */
+                finish(d, 0, NULL);
+                *ret = d;
+                return 0;
+        }
+
+        /* Subscribe first and request only once the broker confirmed (§3.1). */
+        r = mqtt_subscribe(d->mqtt, d->topic_data, 0, on_data, on_data_subscribed, d, &d->sub_data);
+        if (r < 0)
+                goto fail;
+        r = mqtt_subscribe(d->mqtt, d->topic_rejected, 0, on_rejected, on_rejected_subscribed, d, &d->sub_rejected);
+        if (r < 0)
+                goto fail;
+
+        if (ops->progress)
+                ops->progress(blockmap_count(d->received), blockmap_blocks(d->received), userdata);
+        *ret = d;
+        return 0;
+
+fail:
+        stream_download_free(d);
+        return r;
+}
+
+void stream_download_free(struct stream_download *d) {
+        if (!d)
+                return;
+        mqtt_unsubscribe(d->sub_data);
+        mqtt_unsubscribe(d->sub_rejected);
+        sd_event_source_disable_unref(d->timer);
+        sd_event_source_disable_unref(d->finish_source);
+        blockmap_free(d->received);
+        blockmap_free(d->inflight);
+        free(d->slots);
+        free(d->topic_get);
+        free(d->topic_data);
+        free(d->topic_rejected);
+        free((char *) d->file.job_id);
+        free((char *) d->file.signature);
+        free((char *) d->file.state_path);
+        free(d);
+}
+
+void stream_download_get_stats(const struct stream_download *d, struct stream_stats *ret) {
+        *ret = d->stats;
+}
