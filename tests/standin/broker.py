@@ -34,6 +34,7 @@ class Broker:
         self.workdir = workdir
         self.pki = pki
         self.port = port or free_port()
+        self._started_once = port is not None   # a caller's port is kept
         self.conf = os.path.join(workdir, "mosquitto.conf")
         self.acl = os.path.join(workdir, "mosquitto.acl")
         self.log = os.path.join(workdir, "mosquitto.log")
@@ -71,7 +72,21 @@ class Broker:
         os.chmod(self.conf, 0o644)
 
     def start(self, timeout=10):
-        """Starts mosquitto and returns once it completes a TLS handshake."""
+        """Starts mosquitto and returns once it completes a TLS handshake.
+        A free port can be taken by a parallel test between our probe and
+        mosquitto's bind: then the first start retries on another port."""
+        attempts = 1 if self.proc is not None or self._started_once else 3
+        for attempt in range(attempts):
+            try:
+                self._start_once(timeout)
+                self._started_once = True
+                return self
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                self.port = free_port()
+
+    def _start_once(self, timeout):
         self._write_config()
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen([MOSQUITTO, "-c", self.conf],
@@ -81,10 +96,11 @@ class Broker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("mosquitto exited with %d, see %s"
-                                   % (self.proc.returncode, self.log))
+                code = self.proc.returncode
+                self.proc = None
+                raise RuntimeError("mosquitto exited with %d, see %s" % (code, self.log))
             if self._tls_ready():
-                return self
+                return
             time.sleep(0.05)
         self.stop()
         raise RuntimeError("mosquitto not accepting TLS on port %d" % self.port)
