@@ -40,6 +40,7 @@ class Outbox:
         self.service = service
         self.thing = thing
         self.pacer = None
+        self._stopping = False
         self._q = queue.Queue()
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="standin-outbox-" + thing)
@@ -55,21 +56,24 @@ class Outbox:
         self._q.put((time.monotonic() + delay, topic, payload, block_bytes))
 
     def stop(self):
+        # Whatever is still queued (a paced backlog) is discarded.
+        self._stopping = True
         self._q.put(None)
         self._thread.join(10)
 
     def _run(self):
         while True:
             item = self._q.get()
-            if item is None:
+            if item is None or self._stopping:
                 return
             not_before, topic, payload, block_bytes = item
             pacer = self.pacer
             if pacer:
                 not_before = max(not_before, pacer.reserve(len(topic) + len(payload)))
-            wait = not_before - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
+            while not self._stopping and time.monotonic() < not_before:
+                time.sleep(min(0.1, not_before - time.monotonic()))
+            if self._stopping:
+                return
             self.service._publish(self.thing, topic, payload, block_bytes)
 
 

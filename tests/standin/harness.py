@@ -177,21 +177,32 @@ class Stack:
         if threading.current_thread() is threading.main_thread():
             for sig in self._old_handlers:
                 signal.signal(sig, signal.SIG_IGN)
+        errors = []
+
+        def attempt(step, *args):
+            # One failing step must not leave the later ones running.
+            try:
+                step(*args)
+            except Exception as err:
+                errors.append(err)
+
         try:
             for child in reversed(self.children):
-                child.stop()
+                attempt(child.stop)
             self.children = []
             if self.service:
-                self.service.stop()
+                attempt(self.service.stop)
                 self.service = None
             if self.broker:
-                self.broker.stop()
+                attempt(self.broker.stop)
                 self.broker = None
             if (self.workdir and not self._given_workdir
                     and os.environ.get("OTAD_KEEP_TMP") != "1"):
                 shutil.rmtree(self.workdir, ignore_errors=True)
         finally:
             self._restore_signal_handlers()
+        if errors:
+            raise errors[0]
 
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():

@@ -47,7 +47,10 @@ class PresignedServer:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(cert_file, key_file)
-        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        # Handshake in the handler thread, not in accept(): a client that
+        # stalls its handshake must not block the whole server.
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True,
+                                            do_handshake_on_connect=False)
         self.port = self.httpd.server_address[1]
         self._thread = None
 
@@ -129,6 +132,7 @@ class PresignedServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"      # keep-alive, like S3
             server_version = "AmazonS3"
+            timeout = 30                       # idle keep-alive connections end
 
             def log_message(self, *args):
                 pass
