@@ -71,10 +71,10 @@ class Outbox:
             if pacer:
                 not_before = max(not_before, pacer.reserve(len(topic) + len(payload)))
             while not self._stopping and time.monotonic() < not_before:
-                time.sleep(min(0.1, not_before - time.monotonic()))
+                time.sleep(max(0.0, min(0.1, not_before - time.monotonic())))
             if self._stopping:
                 return
-            self.service._publish(self.thing, topic, payload, block_bytes)
+            self.service.deliver(self.thing, topic, payload, block_bytes)
 
 
 class AwsIot:
@@ -125,9 +125,6 @@ class AwsIot:
         self.client.loop_stop()
         self.https.stop()
 
-    def wait_connected(self, timeout=10):
-        return self._connected.wait(timeout)
-
     def restart_broker(self, down_seconds=0.0, timeout=10):
         """Restarts mosquitto on the same port; returns once the stand-in is
         connected again. Devices must reconnect and resubscribe."""
@@ -162,7 +159,8 @@ class AwsIot:
             payload = json.dumps(payload, separators=(",", ":")).encode()
         self._outbox(thing).put(topic, payload, delay, block_bytes)
 
-    def _publish(self, thing, topic, payload, block_bytes):
+    def deliver(self, thing, topic, payload, block_bytes):
+        """Publishes now (called by the outbox once delays and caps allow)."""
         # QoS 1: the device's subscription QoS decides the delivered QoS.
         self.client.publish(topic, payload, qos=1)
         self.record.add_sent(thing, topic, payload)

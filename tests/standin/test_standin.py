@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from device import Device  # noqa: E402
-from harness import Stack, render_config, merge_sections  # noqa: E402
+from harness import Process, Stack, render_config, merge_sections  # noqa: E402
 from pki import verify_bytes  # noqa: E402
 
 PY = "/usr/bin/python3"
@@ -802,6 +802,21 @@ class HarnessTests(unittest.TestCase):
             [jobs]
             handler = demo
             """ % port))
+
+    def test_process_handle(self):
+        tmp = tempfile.mkdtemp(prefix="standin-proc-")
+        self.addCleanup(lambda: subprocess.run(["rm", "-rf", tmp]))
+        p = Process(["/bin/sh", "-c", "echo 'otad: info: ready' >&2; exit 3"],
+                    os.path.join(tmp, "a.log"))
+        self.assertEqual(p.wait_exit(5), 3)
+        self.assertEqual(p.grep(r"info: ready$"), ["otad: info: ready"])
+        p = Process(["/bin/sleep", "30"], os.path.join(tmp, "b.log"))
+        with self.assertRaises(TimeoutError):
+            p.wait_exit(0.2)
+        p.kill9()
+        self.assertEqual(p.wait_exit(1), -signal.SIGKILL)
+        p = Process(["/bin/sleep", "30"], os.path.join(tmp, "c.log"))
+        self.assertEqual(p.stop(), -signal.SIGTERM)
 
     def test_merge_sections(self):
         base = {"mqtt": {"port": 1, "keepalive": 30}, "log": {"level": "debug"}}
