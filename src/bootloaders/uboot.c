@@ -89,6 +89,10 @@ static int uboot_open(struct bootloader *b, struct uboot_ctx **ret) {
                                        fw_env_config(b), strerror(-r));
         }
         r = libuboot_open(ctx);
+        if (r < 0)
+                /* libuboot_open() takes /var/lock/fw_printenv.lock even when
+                 * it fails, and only libuboot_close() lets go of it */
+                libuboot_close(ctx);
         if (r == -ENODATA) {
                 libuboot_exit(ctx);
                 return log_error_errno(-EIO, "U-Boot environment named by %s is blank or has no copy with a valid CRC; refusing to write one that would hold only otad's variables. Initialise it first (fw_setenv -c %s -f <defaults file>)",
@@ -141,8 +145,11 @@ struct uboot_var {
 };
 
 /* Sets vars, stores, then reads the environment back through a new context
- * and compares every variable. */
-static int uboot_store(struct bootloader *b, struct uboot_ctx *ctx, const struct uboot_var *vars, size_t n) {
+ * and compares every variable. Takes *ctxp: it must let go of the lock
+ * (libubootenv flocks /var/lock/fw_printenv.lock from open to close) before
+ * the read-back opens the environment again. */
+static int uboot_store(struct bootloader *b, struct uboot_ctx **ctxp, const struct uboot_var *vars, size_t n) {
+        _cleanup_(uboot_ctx_freep) struct uboot_ctx *ctx = take_ptr(ctxp);
         _cleanup_(uboot_ctx_freep) struct uboot_ctx *back = NULL;
         int r;
 
@@ -154,6 +161,8 @@ static int uboot_store(struct bootloader *b, struct uboot_ctx *ctx, const struct
         r = libuboot_env_store(ctx);
         if (r < 0)
                 return log_error_errno(r, "Failed to store the U-Boot environment named by %s: %s", fw_env_config(b), strerror(-r));
+        uboot_ctx_freep(&ctx);
+        ctx = NULL;
 
         r = uboot_open(b, &back);
         if (r < 0)
@@ -222,7 +231,7 @@ static int uboot_make_primary(struct bootloader *b, const char *bootname, unsign
         snprintf(vars[0].value, sizeof(vars[0].value), "%x", tries);
         snprintf(vars[1].name, sizeof(vars[1].name), "BOOT_ORDER");
         snprintf(vars[1].value, sizeof(vars[1].value), "%s", new_order);
-        return uboot_store(b, ctx, vars, ELEMENTSOF(vars));
+        return uboot_store(b, &ctx, vars, ELEMENTSOF(vars));
 }
 
 static int uboot_set_try_once(struct bootloader *b, const char *bootname) {
@@ -264,7 +273,7 @@ static int uboot_mark_bad(struct bootloader *b, const char *bootname) {
                 snprintf(vars[n].name, sizeof(vars[n].name), "BOOT_%s_LEFT", w);
                 snprintf(vars[n++].value, sizeof(vars[0].value), "%x", UBOOT_TRIES_GOOD);
         }
-        r = uboot_store(b, ctx, vars, n);
+        r = uboot_store(b, &ctx, vars, n);
         free(vars);
         return r;
 }
