@@ -8,6 +8,7 @@ block ends, however it ends (exception, SIGINT, SIGTERM).
 Set OTAD_KEEP_TMP=1 to keep the work dir; OTAD_BIN to pick the otad binary.
 """
 
+import atexit
 import os
 import re
 import shutil
@@ -23,6 +24,17 @@ from pki import Pki
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_OTAD = os.path.join(REPO_ROOT, "build", "src", "otad")
+
+
+# Stacks not closed yet. A SIGTERM during a unittest run aborts the run
+# without tearDownClass; the interpreter's exit then closes them.
+_open_stacks = []
+
+
+@atexit.register
+def _close_open_stacks():
+    for stack in reversed(list(_open_stacks)):
+        stack.close()
 
 
 def otad_binary():
@@ -144,6 +156,7 @@ class Stack:
         self._old_handlers = {}
 
     def __enter__(self):
+        _open_stacks.append(self)
         self._install_signal_handlers()
         try:
             self._start()
@@ -201,6 +214,8 @@ class Stack:
                 shutil.rmtree(self.workdir, ignore_errors=True)
         finally:
             self._restore_signal_handlers()
+            if self in _open_stacks:
+                _open_stacks.remove(self)
         if errors:
             raise errors[0]
 

@@ -708,7 +708,7 @@ class CapsAndRestartTests(StackTest):
 
 # ---------------------------------------------------------------------------
 INNER = textwrap.dedent("""
-    import json, os, sys, time
+    import json, os, sys, time, unittest
     sys.path.insert(0, %(here)r)
     from harness import Stack
     info_path, mode = sys.argv[1], sys.argv[2]
@@ -717,7 +717,8 @@ INNER = textwrap.dedent("""
         f.write("#!/bin/sh\\nexec /bin/sleep 300\\n")
     os.chmod(fake, 0o755)
     os.environ["OTAD_BIN"] = fake
-    with Stack(things=["thing-A"]) as s:
+
+    def scenario(s):
         otad = s.start_otad("thing-A", {"jobs": {"handler": "demo"}})
         helper = s.start_process(["/bin/sleep", "300"], "helper")
         with open(info_path + ".tmp", "w") as f:
@@ -727,7 +728,26 @@ INNER = textwrap.dedent("""
         os.rename(info_path + ".tmp", info_path)
         if mode == "fail":
             raise AssertionError("inner test failed on purpose")
-        time.sleep(60)        # killed by SIGTERM from the outer test
+        time.sleep(60)        # ended by SIGTERM from the outer test
+
+    class ClassLevelStack(unittest.TestCase):
+        # The pattern of tests sharing one Stack per class: a SIGTERM
+        # aborts the run before tearDownClass.
+        @classmethod
+        def setUpClass(cls):
+            cls.stack = Stack(things=["thing-A"]).__enter__()
+
+        @classmethod
+        def tearDownClass(cls):
+            cls.stack.close()
+
+        def test_scenario(self):
+            scenario(self.stack)
+
+    if mode == "unittest":
+        unittest.main(argv=["inner"])
+    with Stack(things=["thing-A"]) as s:
+        scenario(s)
 """)
 
 
@@ -752,7 +772,7 @@ class HarnessTests(unittest.TestCase):
         self.assertTrue(os.path.exists(info_path), proc.stderr.read() if proc.poll() is not None else "")
         with open(info_path) as f:
             info = json.load(f)
-        if mode == "sigterm":
+        if mode in ("sigterm", "unittest"):
             proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         return proc.returncode, err.decode(), info
@@ -774,6 +794,11 @@ class HarnessTests(unittest.TestCase):
 
     def test_sigterm_leaves_nothing_behind(self):
         rc, err, info = self.run_inner("sigterm")
+        self.assertNotEqual(rc, 0)
+        self.assert_all_gone(info)
+
+    def test_sigterm_during_class_level_stack_leaves_nothing_behind(self):
+        rc, err, info = self.run_inner("unittest")
         self.assertNotEqual(rc, 0)
         self.assert_all_gone(info)
 
