@@ -207,12 +207,15 @@ class Jobs:
         pending = tuple((e.job_id, e.status) for e in in_progress + queued)
         if pending != self._last_pending.get(thing, ()):
             self._last_pending[thing] = pending
-            # At most 10 pending executions are listed; empty lists are left
-            # out, so an empty queue gives "jobs":{} (jobs-comm-notifications).
+            # At most 10 pending executions are listed, IN_PROGRESS first;
+            # empty lists are left out, so an empty queue gives "jobs":{}
+            # (jobs-comm-notifications, ListNotification).
+            listed = (in_progress + queued)[:10]
             jobs = {}
-            for status, lst in (("IN_PROGRESS", in_progress), ("QUEUED", queued)):
-                if lst:
-                    jobs[status] = [e.summary() for e in lst][:10]
+            for status in ("IN_PROGRESS", "QUEUED"):
+                summaries = [e.summary() for e in listed if e.status == status]
+                if summaries:
+                    jobs[status] = summaries
             out.append((self.topic(thing, "notify"),
                         {"timestamp": now(), "jobs": jobs}))
         nxt = self._next(thing)

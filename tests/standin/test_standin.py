@@ -283,6 +283,7 @@ class JobsTests(StackTest):
         self.thing = self.fresh_thing()
         self.jobs = "$aws/things/%s/jobs/" % self.thing
         self.dev = self.device(self.thing, [self.jobs + "notify-next",
+                                            self.jobs + "notify",
                                             self.jobs + "+/accepted",
                                             self.jobs + "+/rejected",
                                             self.jobs + "+/+/accepted",
@@ -411,6 +412,9 @@ class JobsTests(StackTest):
         self.dev.clear()
         self.update("job-2", status="IN_PROGRESS")    # IN_PROGRESS goes first
         self.assertEqual(self.notify_next()[0]["execution"]["jobId"], "job-2")
+        listing = json.loads(self.dev.wait(self.jobs + "notify")[-1])["jobs"]
+        self.assertEqual({s: [j["jobId"] for j in l] for s, l in listing.items()},
+                         {"IN_PROGRESS": ["job-2"], "QUEUED": ["job-1", "job-3"]})
         outcome, reply = self.call("get", {"clientToken": "g"})
         self.assertEqual([j["jobId"] for j in reply["inProgressJobs"]], ["job-2"])
         self.assertEqual([j["jobId"] for j in reply["queuedJobs"]], ["job-1", "job-3"])
