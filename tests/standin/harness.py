@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -209,9 +210,11 @@ class Stack:
             if self.broker:
                 attempt(self.broker.stop)
                 self.broker = None
-            if (self.workdir and not self._given_workdir
-                    and os.environ.get("OTAD_KEEP_TMP") != "1"):
-                shutil.rmtree(self.workdir, ignore_errors=True)
+            if self.workdir and not self._given_workdir:
+                if os.environ.get("OTAD_KEEP_TMP") == "1":
+                    sys.stderr.write("OTAD_KEEP_TMP=1: kept %s\n" % self.workdir)
+                else:
+                    shutil.rmtree(self.workdir, ignore_errors=True)
         finally:
             self._restore_signal_handlers()
             if self in _open_stacks:

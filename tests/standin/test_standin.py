@@ -99,16 +99,18 @@ class StreamTests(StackTest):
         self.fence += 1
         token = "fence-%d" % self.fence
         self.dev.publish(self.base + "%s/get/%s" % (stream, fmt), payload, qos=0)
+        # {"c": token}, written by hand: a1 (map of 1), 61 63 ("c"), 6N (text of N)
         self.dev.publish(self.base + "%s/describe/cbor" % stream,
-                         bytes.fromhex("a16163") + bytes([0x60 + len(token)]) + token.encode(), qos=0)
+                         bytes.fromhex("a16163") + bytes([0x60 + len(token)]) + token.encode(),
+                         qos=0)
         fence = "%s%s/+/cbor" % (self.base, stream)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for _, topic, payload in self.dev.received(fence):
+            for _, topic, reply in self.dev.received(fence):
                 if topic.endswith(("description/cbor", "rejected/cbor")) and \
-                        cbor2.loads(payload).get("c") == token:
+                        cbor2.loads(reply).get("c") == token:
                     answers = self.dev.received(self.base + stream + "/+/" + fmt)
-                    return [p for _, t, p in answers if p is not payload]
+                    return [p for _, _, p in answers if p is not reply]
             time.sleep(0.01)
         self.fail("no answer to the fence within %.0f s" % timeout)
 
