@@ -75,7 +75,7 @@ static int parse_mountinfo_line(char *line, struct mount_entry *e) {
         char *source = NULL;
         size_t n = 0;
 
-        for (tok = strtok_r(line, " ", &save); tok && n < ELEMENTSOF(fields); tok = strtok_r(NULL, " ", &save))
+        while (n < ELEMENTSOF(fields) && (tok = strtok_r(n == 0 ? line : NULL, " ", &save)))
                 fields[n++] = tok;
         if (n < ELEMENTSOF(fields))
                 return -EINVAL;
@@ -172,7 +172,7 @@ static void loop_devices_backed_by(const char *file, struct slot_devs *d) {
                 if (strcmp(backing, real) != 0)
                         continue;
                 snprintf(path, sizeof(path), "/sys/block/%s/dev", de->d_name);
-                if (read_file_full(path, 64, &devno, NULL) < 0)
+                if (read_file_full(path, 4096, &devno, NULL) < 0) /* sysfs says 4096 bytes */
                         continue;
                 if (sscanf(devno, "%u:%u", &maj, &min) == 2)
                         d->devs[d->n++] = makedev(maj, min);
