@@ -1,0 +1,201 @@
+/* SPDX-License-Identifier: MIT */
+/* Unit tests of the command installer: a script in a temp dir gets the
+ * staged image as its last argument and the documented environment, runs
+ * inside a real sd-event loop, its output reaches the log, exit 0 succeeds,
+ * exit 3 fails with "exit status 3", and the staged image is removed. */
+#include <systemd/sd-event.h>
+#include <time.h>
+
+#include "installer-test-util.h"
+#include "installer.h"
+#include "otad.h"
+
+#define IMAGE_SIZE (64 * 1024 + 3)
+
+static char *dir;
+
+struct result {
+        bool done;
+        int r;
+        int calls;
+};
+
+static void on_done(struct installer *in, int r, void *userdata) {
+        struct result *res = userdata;
+
+        res->done = true;
+        res->r = r;
+        res->calls++;
+}
+
+/* Runs the loop until the activation reports, at most ~10 s. */
+static void run_until_done(sd_event *e, struct result *res) {
+        for (int i = 0; i < 1000 && !res->done; i++)
+                (void) sd_event_run(e, 10 * 1000);
+}
+
+static char *read_text(const char *path) {
+        char *s = NULL;
+
+        if (read_file_full(path, 1 << 20, &s, NULL) < 0)
+                return NULL;
+        return s;
+}
+
+static bool env_has(const char *env, const char *line) {
+        char *needle = xprintf("\n%s\n", line);
+        char *hay = xprintf("\n%s", env ? env : "");
+        bool found = strstr(hay, needle) != NULL;
+
+        free(needle);
+        free(hay);
+        return found;
+}
+
+int main(void) {
+        static unsigned char image[IMAGE_SIZE];
+        char *script, *fail_script, *extra, *envfile, *copy, *staged, *line;
+        struct otad_config *c;
+        struct otad o = { 0 };
+        struct installer *in = NULL;
+        struct result res = { 0 };
+        sd_event *e = NULL;
+        char *env;
+        struct stat st;
+
+        dir = make_scratch("test-installer-command");
+        script = xprintf("%s/install.sh", dir);
+        fail_script = xprintf("%s/fail.sh", dir);
+        envfile = xprintf("%s/env.out", dir);
+        copy = xprintf("%s/image.copy", dir);
+        line = xprintf("#!/bin/sh\nenv > '%s'\necho \"args: $*\" >> '%s'\ncp \"$2\" '%s'\n"
+                       "echo installing from stdout\necho complaining on stderr >&2\nprintf 'no newline at the end'\nexit 0\n",
+                       envfile, envfile, copy);
+        write_bytes(script, line, strlen(line));
+        chmod(script, 0755);
+        free(line);
+        line = xprintf("#!/bin/sh\necho about to fail\nexit 3\n");
+        write_bytes(fail_script, line, strlen(line));
+        chmod(fail_script, 0755);
+        free(line);
+
+        extra = xprintf("[update]\nversion = 1.2.3\nbooted_slot = A\n\n"
+                        "[target.app]\ntype = command\ncommand = %s --flag\n\n"
+                        "[target.bad]\ntype = command\ncommand = %s\n\n"
+                        "[slot.rootfs.a]\ndevice = /dev/null\nbootname = A\n\n"
+                        "[slot.rootfs.b]\ndevice = /dev/null\nbootname = B\n",
+                        script, fail_script);
+        c = load_config(dir, extra);
+        tap_ok(c != NULL, "config loads");
+        if (!c)
+                return tap_done();
+        tap_ok(sd_event_default(&e) >= 0, "sd_event_default");
+        o.config = c;
+        o.event = e;
+        fill_pattern(image, sizeof(image), 5);
+        setenv("OTAD_IMAGE", "/inherited/must/not/leak", 1);
+
+        /* success */
+        tap_is_int(installer_new(&o, &c->targets[0], "job-cmd", &in), 0, "installer_new(command)");
+        installer_set_activate_done(in, on_done, &res);
+        tap_is_int(in->ops->begin(in, IMAGE_SIZE, false), 0, "begin stages in the state directory");
+        staged = xprintf("%s/state/.app-job-cmd.otad-image", dir);
+        tap_ok(stat(staged, &st) == 0, "staged file %s", staged);
+        tap_is_int(in->ops->write(in, 4096, image + 4096, IMAGE_SIZE - 4096), 0, "write the tail first");
+        tap_is_int(in->ops->write(in, 0, image, 4096), 0, "then the head");
+        tap_is_int(in->ops->finish(in), 0, "finish");
+        {
+                static unsigned char back[IMAGE_SIZE];
+
+                tap_is_int(in->ops->read(in, 0, back, IMAGE_SIZE), 0, "read back the staged image");
+                tap_ok(memcmp(back, image, IMAGE_SIZE) == 0, "staged image equals the image");
+        }
+        tap_is_int(in->ops->activate(in), -EINPROGRESS, "activate: -EINPROGRESS (runs in the event loop)");
+        tap_ok(!res.done, "not done before the loop runs");
+        run_until_done(e, &res);
+        tap_ok(res.done && res.calls == 1, "completion called once");
+        tap_is_int(res.r, 0, "exit 0: success");
+        env = read_text(envfile);
+        tap_ok(env_has(env, "OTAD_JOB_ID=job-cmd"), "OTAD_JOB_ID");
+        line = xprintf("OTAD_IMAGE=%s", staged);
+        tap_ok(env_has(env, line), "OTAD_IMAGE is the staged path");
+        free(line);
+        tap_ok(env_has(env, "OTAD_TARGET=app"), "OTAD_TARGET");
+        line = xprintf("OTAD_FILE_SIZE=%d", IMAGE_SIZE);
+        tap_ok(env_has(env, line), "OTAD_FILE_SIZE");
+        free(line);
+        tap_ok(env_has(env, "OTAD_SLOT=B"), "OTAD_SLOT is the inactive slot");
+        tap_ok(env_has(env, "OTAD_VERSION=1.2.3"), "OTAD_VERSION is the running version");
+        tap_ok(env && !strstr(env, "/inherited/must/not/leak"), "an inherited OTAD_IMAGE does not leak through");
+        line = xprintf("args: --flag %s", staged);
+        tap_ok(env_has(env, line), "argv: configured words, then the staged path");
+        free(line);
+        free(env);
+        {
+                char *got = NULL;
+                size_t size = 0;
+
+                tap_ok(read_file_full(copy, IMAGE_SIZE + 1, &got, &size) == 0 && size == IMAGE_SIZE &&
+                       memcmp(got, image, IMAGE_SIZE) == 0, "the program read the whole image");
+                free(got);
+        }
+        tap_ok(stat(staged, &st) < 0, "the staged image is removed after the program finished");
+        installer_free(in);
+        in = NULL;
+        free(staged);
+
+        /* failure: exit 3 */
+        res = (struct result){ 0 };
+        tap_is_int(installer_new(&o, &c->targets[1], "job-bad", &in), 0, "installer_new for the failing command");
+        installer_set_activate_done(in, on_done, &res);
+        tap_is_int(in->ops->begin(in, 10, false), 0, "begin");
+        tap_is_int(in->ops->write(in, 0, "0123456789", 10), 0, "write");
+        tap_is_int(in->ops->finish(in), 0, "finish");
+        tap_is_int(in->ops->activate(in), -EINPROGRESS, "activate");
+        run_until_done(e, &res);
+        tap_ok(res.done && res.r < 0, "exit 3: failure (r=%d)", res.r);
+        tap_ok(in->reason && strstr(in->reason, "exit status 3"), "reason: %s", in->reason ? in->reason : "(none)");
+        installer_free(in);
+        in = NULL;
+
+        /* a program that cannot be started */
+        free(c->targets[1].command);
+        c->targets[1].command = xprintf("%s/does-not-exist", dir);
+        res = (struct result){ 0 };
+        tap_is_int(installer_new(&o, &c->targets[1], "job-missing", &in), 0, "installer_new for a missing program");
+        installer_set_activate_done(in, on_done, &res);
+        in->ops->begin(in, 1, false);
+        in->ops->write(in, 0, "x", 1);
+        tap_ok(in->ops->activate(in) == -ENOENT && !res.done, "a missing program: -ENOENT at once, no completion");
+        installer_free(in);
+        in = NULL;
+
+        /* freeing during a long run stops the program */
+        free(c->targets[1].command);
+        c->targets[1].command = strdup("sleep 30");
+        res = (struct result){ 0 };
+        tap_is_int(installer_new(&o, &c->targets[1], "job-long", &in), 0, "installer_new for a long command");
+        installer_set_activate_done(in, on_done, &res);
+        in->ops->begin(in, 1, false);
+        in->ops->write(in, 0, "x", 1);
+        tap_is_int(in->ops->activate(in), -EINPROGRESS, "activate sleep 30");
+        (void) sd_event_run(e, 50 * 1000);
+        {
+                time_t t0 = time(NULL);
+
+                installer_free(in);
+                tap_ok(time(NULL) - t0 < 6, "installer_free stops the running program");
+        }
+        tap_ok(!res.done, "no completion after free");
+
+        sd_event_unref(e);
+        config_free(c);
+        remove_scratch(dir);
+        free(dir);
+        free(script);
+        free(fail_script);
+        free(extra);
+        free(envfile);
+        free(copy);
+        return tap_done();
+}
