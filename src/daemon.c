@@ -9,9 +9,14 @@
 #include <systemd/sd-daemon.h>
 
 #include "config.h"
+#include "custom_jobs.h"
 #include "daemon.h"
+#include "fileio.h"
+#include "jobs.h"
 #include "log.h"
 #include "macro.h"
+#include "mqtt.h"
+#include "ota.h"
 
 void otad_set_status(struct otad *otad, const char *format, ...) {
         char status[256];
@@ -44,26 +49,6 @@ static int on_hangup(sd_event_source *s, const struct signalfd_siginfo *si, void
         return 0;
 }
 
-/* The state directory holds what must survive kill -9 and power cuts; it is
- * private to otad. */
-static int make_state_directory(const char *path) {
-        _cleanup_free_ char *copy = strdup(path);
-
-        if (!copy)
-                return -ENOMEM;
-        for (char *p = copy + 1; *p; p++) {
-                if (*p != '/')
-                        continue;
-                *p = '\0';
-                if (mkdir(copy, 0755) < 0 && errno != EEXIST)
-                        return -errno;
-                *p = '/';
-        }
-        if (mkdir(copy, 0700) < 0 && errno != EEXIST)
-                return -errno;
-        return 0;
-}
-
 int otad_new(struct otad_config *config, struct otad **ret) {
         struct otad *otad;
         sigset_t mask;
@@ -74,7 +59,9 @@ int otad_new(struct otad_config *config, struct otad **ret) {
                 return log_error_errno(-ENOMEM, "Out of memory");
         otad->config = config;
 
-        r = make_state_directory(config->state.directory);
+        /* The state directory holds what must survive kill -9 and power
+         * cuts; it is private to otad. */
+        r = mkdir_p(config->state.directory, 0700);
         if (r < 0) {
                 log_error_errno(r, "Failed to create state directory %s: %s", config->state.directory, strerror(-r));
                 goto fail;
@@ -110,6 +97,18 @@ int otad_new(struct otad_config *config, struct otad **ret) {
                 goto fail;
         }
 
+        /* Transport first, then the Jobs client on it, then the handlers
+         * that register with the Jobs client; each logs its own failure. */
+        r = mqtt_session_new(otad, &otad->mqtt);
+        if (r >= 0)
+                r = jobs_new(otad, &otad->jobs);
+        if (r >= 0)
+                r = ota_new(otad, &otad->ota);
+        if (r >= 0)
+                r = custom_jobs_new(otad, &otad->custom);
+        if (r < 0)
+                goto fail;
+
         *ret = otad;
         return 0;
 fail:
@@ -122,7 +121,9 @@ int otad_run(struct otad *otad) {
 
         log_milestone(LOG_INFO, OTAD_MID_STARTED, NULL, NULL, "otad %s started for thing %s",
                       OTAD_VERSION, otad->config->mqtt.thing_name);
-        otad_set_status(otad, "starting");
+        r = mqtt_session_start(otad->mqtt);
+        if (r < 0)
+                return r;
         sd_notify(false, "READY=1");
 
         r = sd_event_loop(otad->event);
@@ -134,6 +135,12 @@ int otad_run(struct otad *otad) {
 void otad_free(struct otad *otad) {
         if (!otad)
                 return;
+        /* Reverse order: handlers stop their work (killing handler
+         * processes) before the Jobs client and the session go away. */
+        custom_jobs_free(otad->custom);
+        ota_free(otad->ota);
+        jobs_free(otad->jobs);
+        mqtt_session_free(otad->mqtt);
         sd_event_unref(otad->event);
         free(otad);
 }
