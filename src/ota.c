@@ -349,7 +349,8 @@ static void report_progress(struct ota *ota, uint64_t done_blocks, uint64_t tota
         /* The first block, the last one, and otherwise at most once per
          * progress_interval: the service gets a heartbeat, not a flood
          * (AWS counts every publish against 100/s per connection). */
-        if (done_blocks != 1 && done_blocks != total_blocks && now - ota->last_progress_usec < interval)
+        if (done_blocks == 0 ||
+            (done_blocks != 1 && done_blocks != total_blocks && now - ota->last_progress_usec < interval))
                 return;
         ota->last_progress_usec = now;
         snprintf(receive, sizeof(receive), "%" PRIu64 "/%" PRIu64, done_blocks, total_blocks);
@@ -364,7 +365,7 @@ static void on_transfer_progress(uint64_t done, uint64_t total, void *userdata) 
 
         for (unsigned i = 0; i < ota->state.file_index; i++)
                 before += ota->doc->files[i].filesize;
-        if (ota->stream) {
+        if (ota->protocol == OTA_PROTOCOL_MQTT) {
                 /* done/total count blocks; bytes are close enough for status. */
                 ota->file_done = total ? f->filesize * done / total : 0;
                 report_progress(ota, done, total);
@@ -638,8 +639,24 @@ static int on_kick(sd_event_source *s, void *userdata) {
 /* A different job (or none) replaces what the state directory remembers:
  * its partial files go, so that nothing of it is resumed by mistake. */
 static void discard_previous(struct ota *ota, const struct update_state *old) {
+        _cleanup_free_ char *targets = strdup(old->targets);
+
         log_job(LOG_NOTICE, old->job_id, "download", "Discarding the progress of job %s (stage %s)", old->job_id,
                 update_stage_to_string(old->stage));
+        /* Partial files of that job's file and command targets go too. */
+        for (char *name = targets ? strtok(targets, ",") : NULL; name; name = strtok(NULL, ",")) {
+                for (size_t i = 0; i < ota->otad->config->n_targets; i++) {
+                        const struct config_target *t = &ota->otad->config->targets[i];
+                        struct installer *in = NULL;
+
+                        if (strcmp(t->name, name) != 0 || t->type == TARGET_AB ||
+                            installer_new(ota->otad, t, old->job_id, &in) < 0)
+                                continue;
+                        if (in->ops->abort)
+                                in->ops->abort(in);
+                        installer_free(in);
+                }
+        }
         remove_progress_files(ota);
         update_state_remove(ota->otad->config->state.directory, UPDATE_STATE_FILE);
 }
@@ -704,6 +721,12 @@ static int ota_start(const struct job *job, char *reason, size_t reason_size, vo
                 return 0;
         }
         ota->state.n_files = (unsigned) ota->doc->n_files;
+        for (size_t i = 0; i < ota->n_images; i++) {
+                size_t len = strlen(ota->state.targets);
+
+                snprintf(ota->state.targets + len, sizeof(ota->state.targets) - len, "%s%s", len ? "," : "",
+                         ota->images[i].target->name);
+        }
         for (size_t i = 0; i < ota->doc->n_files; i++)
                 ota->state.total += ota->doc->files[i].filesize;
         compute_identity(ota, ota->state.identity);
