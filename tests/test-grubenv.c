@@ -115,6 +115,16 @@ static void test_too_big(void) {
 
         memset(big, 'v', sizeof(big) - 1);
         big[sizeof(big) - 1] = '\0';
+        {
+                struct grubenv dup = { 0 };
+
+                memset(block, '#', sizeof(block));
+                memcpy(block, GRUBENV_HEADER "x=1\nx=2\n", strlen(GRUBENV_HEADER) + 8);
+                tap_is_int(grubenv_parse(block, sizeof(block), &dup), 0, "a block with a name twice parses");
+                tap_ok(dup.n == 1 && strcmp(grubenv_get(&dup, "x"), "2") == 0,
+                       "the last value wins, as GRUB's load_env sets them in turn");
+                grubenv_done(&dup);
+        }
         grubenv_set(&env, "big", big);
         tap_is_int(grubenv_format(&env, block), -ENOSPC, "variables larger than the block: -ENOSPC");
         tap_is_int(grubenv_set(&env, "a=b", "x"), -EINVAL, "a name with '=' is refused");

@@ -167,6 +167,18 @@ int grubenv_parse(const char *block, size_t size, struct grubenv *ret) {
                         goto fail;
                 }
                 p++;
+                /* a name twice: GRUB's load_env sets each in turn, so the
+                 * last one is what boots; keep one entry with that value */
+                {
+                        ssize_t i = grubenv_index(&env, name);
+
+                        if (i >= 0) {
+                                free(env.values[i]);
+                                env.values[i] = value;
+                                free(name);
+                                continue;
+                        }
+                }
                 r = grubenv_append(&env, name, value);
                 if (r < 0) {
                         free(name);
