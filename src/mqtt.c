@@ -285,7 +285,9 @@ static void session_lost(struct mqtt_session *s, const char *reason) {
 /* Says which of the usual TLS failures happened, from what libmosquitto and
  * OpenSSL left behind. Never suggests turning verification off. */
 static void describe_failure(struct mqtt_session *s, int rc, char *buf, size_t size) {
-        SSL *ssl = mosquitto_ssl_get(s->mosq);
+        /* libmosquitto keeps the SSL of a failed handshake until the next
+         * one starts: trust its verify result only while our socket is up. */
+        SSL *ssl = s->io ? mosquitto_ssl_get(s->mosq) : NULL;
         long verify = ssl ? SSL_get_verify_result(ssl) : X509_V_OK;
 
         if (s->connack_error[0])
@@ -370,8 +372,18 @@ static int on_io(sd_event_source *es, int fd, uint32_t revents, void *userdata) 
                         socklen_t len = sizeof(error);
                         char reason[512];
 
+                        struct sockaddr_storage peer;
+                        socklen_t peer_len = sizeof(peer);
+
                         if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &len) == 0 && error != 0) {
                                 session_lost(s, strerror(error));
+                                return 0;
+                        }
+                        /* OpenSSL's first write may have consumed the error of
+                         * a refused TCP connect; a socket that never got a
+                         * peer tells the same story. */
+                        if (getpeername(fd, (struct sockaddr *) &peer, &peer_len) < 0 && errno == ENOTCONN) {
+                                session_lost(s, "Connection refused (is the endpoint and port right?)");
                                 return 0;
                         }
                         /* Let OpenSSL read a pending alert before we judge. */

@@ -119,6 +119,24 @@ class JobsTestCase(unittest.TestCase):
         # around that check to see what otad does if one arrives anyway.
         self.service._send_all(self.thing, self.service.jobs.queue(self.thing, job_id, document))
 
+    def restart_broker(self, down_seconds):
+        try:
+            self.service.restart_broker(down_seconds)
+        except RuntimeError:
+            # Workaround for the stand-in: paho's network thread can die with
+            # ssl.SSLEOFError when it reconnects into a broker that is still
+            # starting; reconnect its client by hand (otad is not involved).
+            self.service.client.loop_stop()
+            for attempt in range(5):
+                try:
+                    self.service.client.reconnect()
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            self.service.client.loop_start()
+            if not self.service._connected.wait(10):
+                raise
+
     def notify_next_raw(self, payload):
         topic = "$aws/things/%s/jobs/notify-next" % self.thing
         info = self.service.client.publish(topic, payload, qos=1)
@@ -148,6 +166,17 @@ class TestSession(JobsTestCase):
         otad = self.start_otad(mqtt={"endpoint": "vm"})
         otad.wait_for_log(r"does not match the host name vm", CONNECT_TIMEOUT)
         self.assertFalse(otad.grep(r"Connected to"))
+        self.assert_running(otad)
+
+    def test_nothing_listening_is_retried_with_backoff(self):
+        import broker
+        otad = self.start_otad(mqtt={"port": broker.free_port()})
+        wait_until(lambda: len(otad.grep(r"failed: Connection refused")) >= 3, CONNECT_TIMEOUT,
+                   "three refused attempts")
+        delays = [float(x) for line in otad.grep(r"Reconnecting to localhost:\d+ in ")
+                  for x in [line.rsplit(" in ", 1)[1].split()[0]]]
+        # Full jitter between reconnect_min=1 and reconnect_max=2 seconds.
+        self.assertTrue(all(1.0 <= d <= 2.0 for d in delays), delays)
         self.assert_running(otad)
 
     def test_refused_client_certificate_is_reported(self):
@@ -316,18 +345,38 @@ class TestMalformed(JobsTestCase):
 
 class TestBrokerRestart(JobsTestCase):
     def test_reconnects_and_asks_next_again(self):
-        otad = self.start_connected()
+        self.check_restart(clean_session=True)
+
+    def test_persistent_session_resubscribes_when_session_is_gone(self):
+        # The stand-in's broker keeps no state across a restart, so the
+        # CONNACK says sessionPresent=0 and otad must subscribe again.
+        self.check_restart(clean_session=False)
+        self.assertTrue(self.otad.grep(r"Connected to localhost:\d+ as %s \(persistent session\)" % self.thing))
+
+    def check_restart(self, clean_session):
+        otad = self.otad = self.start_connected(mqtt={"clean_session": clean_session})
         self.service.queue_job(self.thing, "restart-1", {"operation": "nap3"})
         self.service.wait_for_status(self.thing, "restart-1", "IN_PROGRESS", JOB_TIMEOUT)
         asked = self.next_get_count()
         # Down while the handler runs: its SUCCEEDED waits for the reconnect.
-        self.service.restart_broker(down_seconds=1.0)
+        self.restart_broker(down_seconds=1.0)
         otad.wait_for_log(r"Disconnected from localhost", 10)
         wait_until(lambda: len(otad.grep(r"Connected to localhost")) >= 2, CONNECT_TIMEOUT, "the reconnect")
         wait_until(lambda: self.next_get_count() > asked, CONNECT_TIMEOUT, "$next/get after the reconnect")
         status, execution = self.final("restart-1")
         self.assertEqual(status, "SUCCEEDED")
         self.assertEqual(execution["statusDetails"]["stdout"], "rested")
+        # The $next/get answer after the reconnect named the running job
+        # again: the same job, not a second run.
+        self.assertEqual(len(otad.grep(r"Job restart-1: started .*nap3")), 1)
+        # (IN_PROGRESS may go twice: one whose answer the restart swallowed
+        # is sent again after the reconnect.)
+        statuses = [u["request"]["status"] for u in self.updates("restart-1")]
+        self.assertEqual(statuses[-1], "SUCCEEDED")
+        self.assertEqual(set(statuses[:-1]), {"IN_PROGRESS"})
+        # Subscriptions are back: the next job arrives through notify-next.
+        self.service.queue_job(self.thing, "restart-2", {"operation": "hello"})
+        self.assertEqual(self.final("restart-2")[0], "SUCCEEDED")
         self.assert_running(otad)
 
 
