@@ -227,8 +227,8 @@ struct parser {
         void *base;           /* struct the offsets point into */
         size_t instance;      /* index into targets/slots */
         unsigned *fixed_lines;     /* ELEMENTSOF(items): line where set, 0 = unset */
-        unsigned **instance_lines; /* per target/slot instance */
-        size_t n_instance_lines;
+        unsigned **target_lines;   /* the same, per [target.*] section */
+        unsigned **slot_lines;     /* the same, per [slot.*.*] section */
         unsigned section_lines[ELEMENTSOF(fixed_sections)];
 };
 
@@ -253,17 +253,15 @@ static void *base_of(struct parser *p) {
         return p->config;
 }
 
-static int grow_instance_lines(struct parser *p) {
-        unsigned **lines = realloc(p->instance_lines, (p->n_instance_lines + 1) * sizeof(*lines));
+/* Adds the line record of instance n (0-based) to *lines. */
+static int grow_instance_lines(unsigned ***lines, size_t n) {
+        unsigned **grown = realloc(*lines, (n + 1) * sizeof(*grown));
 
-        if (!lines)
+        if (!grown)
                 return -ENOMEM;
-        p->instance_lines = lines;
-        lines[p->n_instance_lines] = calloc(ELEMENTSOF(items), sizeof(unsigned));
-        if (!lines[p->n_instance_lines])
-                return -ENOMEM;
-        p->n_instance_lines++;
-        return 0;
+        *lines = grown;
+        grown[n] = calloc(ELEMENTSOF(items), sizeof(unsigned));
+        return grown[n] ? 0 : -ENOMEM;
 }
 
 static int start_target(struct parser *p, const char *name) {
@@ -286,10 +284,12 @@ static int start_target(struct parser *p, const char *name) {
                 return log_error_errno(-ENOMEM, "Out of memory");
         p->kind = SECTION_TARGET;
         p->section = "target";
-        p->instance = c->n_targets++;
-        r = grow_instance_lines(p);
-        if (r < 0)
+        r = grow_instance_lines(&p->target_lines, c->n_targets);
+        if (r < 0) {
+                free(t->name);
                 return log_error_errno(r, "Out of memory");
+        }
+        p->instance = c->n_targets++;
         return apply_defaults("target", t);
 }
 
@@ -321,10 +321,13 @@ static int start_slot(struct parser *p, const char *class_and_name) {
                 return log_error_errno(-ENOMEM, "Out of memory");
         p->kind = SECTION_SLOT;
         p->section = "slot";
-        p->instance = c->n_slots++;
-        r = grow_instance_lines(p);
-        if (r < 0)
+        r = grow_instance_lines(&p->slot_lines, c->n_slots);
+        if (r < 0) {
+                free(s->class_name);
+                free(s->name);
                 return log_error_errno(r, "Out of memory");
+        }
+        p->instance = c->n_slots++;
         return 0;
 }
 
@@ -382,7 +385,9 @@ static int parse_assignment(struct parser *p, char *line) {
                 value[strlen(value) - 1] = '\0';
                 value++;
         }
-        lines = p->kind == SECTION_FIXED ? p->fixed_lines : p->instance_lines[p->n_instance_lines - 1];
+        lines = p->kind == SECTION_FIXED    ? p->fixed_lines
+                : p->kind == SECTION_TARGET ? p->target_lines[p->instance]
+                                            : p->slot_lines[p->instance];
         for (size_t i = 0; i < ELEMENTSOF(items); i++) {
                 const struct config_item *item = &items[i];
                 char expected[128];
@@ -423,7 +428,7 @@ static int check_required(struct parser *p) {
                         continue;
                 if (strcmp(item->section, "target") == 0) {
                         for (size_t t = 0; t < c->n_targets; t++)
-                                if (!p->instance_lines[t][i] ||
+                                if (!p->target_lines[t][i] ||
                                     (item->parse == parse_string && string_missing(&c->targets[t], item)))
                                         return log_error_errno(-EINVAL, "%s:%u: [target.%s] needs %s=",
                                                                p->path, c->targets[t].line, c->targets[t].name, item->key);
@@ -516,9 +521,14 @@ static int check_consistency(struct parser *p) {
 }
 
 static void parser_done(struct parser *p) {
-        for (size_t i = 0; i < p->n_instance_lines; i++)
-                free(p->instance_lines[i]);
-        free(p->instance_lines);
+        size_t n_targets = p->config ? p->config->n_targets : 0, n_slots = p->config ? p->config->n_slots : 0;
+
+        for (size_t i = 0; p->target_lines && i < n_targets; i++)
+                free(p->target_lines[i]);
+        for (size_t i = 0; p->slot_lines && i < n_slots; i++)
+                free(p->slot_lines[i]);
+        free(p->target_lines);
+        free(p->slot_lines);
         free(p->fixed_lines);
 }
 

@@ -139,15 +139,18 @@ static void test_values(void) {
                 "[bootloader]\n"
                 "type = grub\n"
                 "grubenv = /boot/efi/grubenv\n"
-                "[target.rootfs]\n"
-                "type = ab\n"
-                "match_file_type = 0\n"
                 "[slot.rootfs.a]\n"
                 "device = /dev/mmcblk0p2\n"
                 "bootname = A\n"
+                "[target.rootfs]\n"
+                "type = ab\n"
+                "match_file_type = 0\n"
                 "[slot.rootfs.b]\n"
                 "device = /dev/mmcblk0p3\n"
-                "bootname = B\n");
+                "bootname = B\n"
+                "[target.app]\n"
+                "type = file\n"
+                "directory = /var/lib/app\n");
         struct otad_config *c = NULL;
 
         tap_is_int(load(text, &c), 0, "a full config loads");
@@ -161,8 +164,9 @@ static void test_values(void) {
         tap_is_int(c->log.level, LOG_DEBUG, "log level is read");
         tap_is_int(c->ota.protocol, OTA_PROTOCOL_HTTP, "enums are read");
         tap_is_str(c->bootloader.grubenv, "/boot/efi/grubenv", "grubenv is read");
-        tap_is_int((long long) c->n_targets, 1, "one target");
-        if (c->n_targets == 1) {
+        tap_is_int((long long) c->n_targets, 2, "two targets, between slot sections");
+        if (c->n_targets == 2) {
+                tap_is_str(c->targets[1].directory, "/var/lib/app", "the second target's keys land in it");
                 tap_is_str(c->targets[0].name, "rootfs", "target name from the section");
                 tap_is_int(c->targets[0].type, TARGET_AB, "target type");
                 tap_is_str(c->targets[0].slot_class, "rootfs", "slot_class defaults to rootfs");
