@@ -407,15 +407,16 @@ static void request_done(struct http_download *d, CURLcode res) {
         curl_multi_remove_handle(d->multi, d->easy);
         d->easy_added = false;
 
-        /* Whatever happens next, keep what was received. */
+        /* Whatever happens next, keep what was received. A decision made
+         * inside a callback (e.g. a failed write) is the cause to report
+         * even when saving fails too. */
         r = progress_save(d);
-        if (r < 0) {
-                finish(d, r, "cannot persist download progress");
-                return;
-        }
-
         if (d->abort_error < 0) {
                 finish(d, d->abort_error, d->abort_reason);
+                return;
+        }
+        if (r < 0) {
+                finish(d, r, "cannot persist download progress");
                 return;
         }
         /* protocol.md §4: 400/403/404 mean the presigned URL stopped working. */

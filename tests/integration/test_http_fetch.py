@@ -8,7 +8,7 @@ purpose (cuts the body, expires the URL, stalls, sends too much). Both use a
 CA made here with the openssl CLI, passed to http-fetch as --ca-file.
 
 Run: /usr/bin/python3 tests/standin/tap.py tests/integration/test_http_fetch.py
-(OTAD_BUILD_ROOT names the meson build directory; OTAD_BENCH_MIB=256 sizes
+(OTAD_BUILD_ROOT names the meson build directory; OTAD_BENCH_MIB (default 32) sizes
 the throughput comparison with curl, 0 skips it.)
 """
 
@@ -422,6 +422,42 @@ class HttpFetchTest(unittest.TestCase):
         self.assertEqual([e[:2] for e in self.nginx.log("short.bin")],
                          [("bytes=%d-" % (3 * MIB), 416), ("bytes=0-", 206)])
 
+    def record(self, offset, job="AFR_OTA-http-test", index=0, size=None, signature="MEQCIF2Q=="):
+        """The progress record http.c writes (its format, rebuilt here)."""
+        body = ("# otad HTTPS download progress\nversion=1\njob_id=%s\nfile_index=%d\nsize=%d\n"
+                "signature_sha256=%s\noffset=%d\n"
+                % (job, index, size, hashlib.sha256(signature.encode()).hexdigest(), offset))
+        return body + "checksum=%s\n" % hashlib.sha256(body.encode()).hexdigest()
+
+    def test_progress_record_identity(self):
+        data = os.urandom(2 * MIB)
+        self.nginx.add("ident.bin", data)
+        size = len(data)
+        with open(self.out, "wb") as f:
+            f.write(data[:MIB])
+        good = self.record(MIB, size=size)
+        cases = [
+            ("matching record", good, MIB),
+            ("other job", self.record(MIB, job="AFR_OTA-other", size=size), 0),
+            ("other file index", self.record(MIB, index=1, size=size), 0),
+            ("other size", self.record(MIB, size=size + 1), 0),
+            ("other signature", self.record(MIB, size=size, signature="MEUCIQ=="), 0),
+            ("offset edited, checksum stale", good.replace("offset=%d" % MIB, "offset=%d" % (MIB + 4096)), 0),
+            ("torn record", good[:len(good) // 2], 0),
+            ("offset past size", self.record(size + 1, size=size), 0),
+        ]
+        for name, text, want in cases:
+            with self.subTest(name):
+                with open(self.state, "w") as f:
+                    f.write(text)
+                r = self.fetch(self.nginx.url("files", "ident.bin"), size)
+                self.assertEqual(r["rc"], 0, r)
+                self.assertEqual(int(r["resumed_from"]), want)
+                self.assertEqual(int(r["bytes_received"]), size - want)
+                self.assertBitExact(data)
+                with open(self.state) as f:
+                    self.assertEqual(f.read(), self.record(size, size=size), "record rewritten for this file")
+
     def test_size_mismatch_at_start(self):
         data = os.urandom(100000)
         self.nginx.add("small.bin", data)
@@ -491,7 +527,7 @@ class HttpFetchTest(unittest.TestCase):
     # --- throughput, for the report ------------------------------------------
 
     def test_zz_throughput_vs_curl(self):
-        mib = int(os.environ.get("OTAD_BENCH_MIB", "256"))
+        mib = int(os.environ.get("OTAD_BENCH_MIB", "32"))
         if mib <= 0:
             self.skipTest("OTAD_BENCH_MIB=0")
         data = os.urandom(mib * MIB)
