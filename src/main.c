@@ -9,12 +9,16 @@
 #include "config.h"
 #include "daemon.h"
 #include "log.h"
+#include "status.h"
 
 static void help(void) {
         printf("Usage: otad [OPTIONS]\n"
+               "       otad status [--json] [-c PATH]\n"
                "\n"
                "Over-the-air update daemon for AWS IoT Jobs (see otad(8)).\n"
                "\n"
+               "  status              show the slots, the job in progress and the last result\n"
+               "      --json          ... as JSON\n"
                "  -c, --config PATH   configuration file (default " OTAD_DEFAULT_CONFIG ")\n"
                "      --check-config  validate the configuration and referenced files, then exit\n"
                "  -v, --verbose       log at debug level, whatever [log] level says\n"
@@ -23,17 +27,18 @@ static void help(void) {
 }
 
 int main(int argc, char *argv[]) {
-        enum { ARG_CHECK_CONFIG = 0x100, ARG_VERSION };
+        enum { ARG_CHECK_CONFIG = 0x100, ARG_VERSION, ARG_JSON };
         static const struct option options[] = {
                 { "config", required_argument, NULL, 'c' },
                 { "check-config", no_argument, NULL, ARG_CHECK_CONFIG },
                 { "verbose", no_argument, NULL, 'v' },
                 { "version", no_argument, NULL, ARG_VERSION },
+                { "json", no_argument, NULL, ARG_JSON },
                 { "help", no_argument, NULL, 'h' },
                 { NULL, 0, NULL, 0 },
         };
         const char *config_path = OTAD_DEFAULT_CONFIG;
-        bool check_only = false, verbose = false;
+        bool check_only = false, verbose = false, json = false, show_status = false;
         struct otad_config *config = NULL;
         struct otad *otad = NULL;
         int c, r;
@@ -49,6 +54,9 @@ int main(int argc, char *argv[]) {
                 case 'v':
                         verbose = true;
                         break;
+                case ARG_JSON:
+                        json = true;
+                        break;
                 case ARG_VERSION:
                         printf("otad %s\n", OTAD_VERSION);
                         return EXIT_SUCCESS;
@@ -58,6 +66,14 @@ int main(int argc, char *argv[]) {
                 default:
                         return EXIT_FAILURE;
                 }
+        if (optind < argc && strcmp(argv[optind], "status") == 0) {
+                show_status = true;
+                optind++;
+        }
+        if (json && !show_status) {
+                fprintf(stderr, "otad: --json goes with 'otad status'\n");
+                return EXIT_FAILURE;
+        }
         if (optind < argc) {
                 fprintf(stderr, "otad: unexpected argument '%s' (see otad --help)\n", argv[optind]);
                 return EXIT_FAILURE;
@@ -72,6 +88,12 @@ int main(int argc, char *argv[]) {
                 return EXIT_FAILURE;
         if (!verbose)
                 log_set_max_level(config->log.level);
+
+        if (show_status) {
+                r = status_print(config, json);
+                config_free(config);
+                return r < 0 ? EXIT_FAILURE : EXIT_SUCCESS;
+        }
 
         if (check_only) {
                 r = config_check_files(config);

@@ -24,6 +24,7 @@
 #include "macro.h"
 #include "ota_private.h"
 #include "slot.h"
+#include "status.h"
 #include "subprocess.h"
 
 /* How long a terminal report may take before a rollback reboots anyway:
@@ -50,7 +51,7 @@ static void stop_timer(struct ota *ota) {
 static void stop_child(struct ota *ota) {
         ota->child_source = sd_event_source_disable_unref(ota->child_source);
         if (ota->child > 0) {
-                kill(-ota->child, SIGKILL);
+                kill(ota->child, SIGKILL);
                 waitpid(ota->child, NULL, 0);
         }
         ota->child = -1;
@@ -485,9 +486,21 @@ static void mark_booted_good(struct ota *ota) {
         }
 }
 
+/* `otad status` shows each slot's version as of its last boot. */
+static void record_booted_versions(struct ota *ota) {
+        const struct otad_config *config = ota->otad->config;
+        const struct config_slot *booted = NULL;
+
+        for (size_t i = 0; i < config->n_targets; i++)
+                if (config->targets[i].type == TARGET_AB &&
+                    slot_booted(config, config->targets[i].slot_class, NULL, &booted) >= 0)
+                        status_record_slot_version(config, booted->bootname, ota->running_version);
+}
+
 void update_resume(struct ota *ota) {
         struct update_state saved;
 
+        record_booted_versions(ota);
         if (update_state_load(state_dir(ota), UPDATE_STATE_FILE, &saved) < 0) {
                 mark_booted_good(ota);
                 otad_set_status(ota->otad, "idle, waiting for jobs");
