@@ -187,8 +187,13 @@ static void test_rauc_scheme(void) {
         tap_is_int(bootloader_get_primary(b, &primary), 0, "get_primary");
         tap_is_str(primary, "A", "A is primary after mark_bad(B)");
         free(primary);
+        primary = NULL;
         tap_is_int(bootloader_get_state(b, "B", &good), 0, "get_state(B)");
         tap_ok(!good, "B is bad");
+        run("grub-editenv '%s' set A_TRY=1", f);
+        tap_is_int(bootloader_get_primary(b, &primary), 0, "get_primary with every good slot tried");
+        tap_is_str(primary, "A", "all tried: the first slot not marked bad (grub.cfg starts over)");
+        free(primary);
         tap_is_int(bootloader_set_try_once(b, "C"), -EINVAL, "an unknown bootname is refused");
 
         bootloader_free(b);

@@ -11,7 +11,8 @@
  *   mark_good(X):    ORDER="X ...", X_OK=1, X_TRY=0
  *   mark_bad(X):     ORDER="... X", X_OK=0, X_TRY=0; the other slots that
  *                    are OK get TRY=0, so the first of them boots next
- *   get_primary:     the first slot of ORDER with OK=1 and TRY=0
+ *   get_primary:     the first slot of ORDER with OK=1 and TRY=0, else
+ *                    (all tried) the first with OK=1, as grub.cfg does
  *   get_state(X):    good = X in ORDER, X_OK=1 and X_TRY=0
  *
  * A variable missing from the file reads as the grub.cfg below defaults it:
@@ -151,16 +152,29 @@ static int grub_get_primary(struct bootloader *b, char **ret_bootname) {
         if (r < 0)
                 return r;
         r = current_order(b, &env, &order);
-        for (char *w = r < 0 ? NULL : strtok_r(order, " \t", &save); w && !found; w = strtok_r(NULL, " \t", &save))
-                if (bootloader_knows(b, w) && flag_of(&env, w, "OK", 1) && !flag_of(&env, w, "TRY", 0))
-                        found = w;
+        /* two passes, as the grub.cfg below: a slot not tried yet, else
+         * (every slot tried) the first one not marked bad */
+        for (int pass = 0; r >= 0 && pass < 2 && !found; pass++) {
+                _cleanup_free_ char *words = strdup(order);
+
+                if (!words) {
+                        r = -ENOMEM;
+                        break;
+                }
+                for (char *w = strtok_r(words, " \t", &save); w; w = strtok_r(NULL, " \t", &save))
+                        if (bootloader_knows(b, w) && flag_of(&env, w, "OK", 1) &&
+                            (pass == 1 || !flag_of(&env, w, "TRY", 0))) {
+                                found = strdup(w);
+                                r = found ? 0 : -ENOMEM;
+                                break;
+                        }
+        }
         if (r >= 0 && !found)
                 r = log_error_errno(-ENOENT, "GRUB environment %s: no slot of ORDER=\"%s\" is bootable",
                                     grubenv_path(b), order);
-        if (r >= 0) {
-                *ret_bootname = strdup(found);
-                r = *ret_bootname ? 0 : -ENOMEM;
-        }
+        if (r >= 0)
+                *ret_bootname = take_ptr(&found);
+        free(found);
         grubenv_done(&env);
         return r;
 }
