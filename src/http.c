@@ -35,6 +35,8 @@
 /* Fresh URLs that brought no byte of progress before the job fails: a URL
  * S3 refuses right away three times is not going to start working. */
 #define REFRESHES_WITHOUT_PROGRESS_MAX 3
+/* No fresh URL this long after asking: ask again (counts as a refresh). */
+#define NEED_URL_TIMEOUT_USEC (60 * USEC_PER_SEC)
 /* S3's XML error bodies are small; more is not an error body. */
 #define ERROR_BODY_MAX (64 * 1024)
 #define RECORD_MAX 4096
@@ -100,6 +102,7 @@ struct http_download {
         uint64_t offset_at_refresh;
         unsigned failures; /* consecutive attempts without progress */
         unsigned refreshes_without_progress;
+        long refused_code; /* the HTTP status that made us ask for a URL */
         struct http_download_stats stats;
 };
 
@@ -283,15 +286,16 @@ static void finish(struct http_download *d, int result, const char *reason) {
         d->ops->finished(result, reason, d->userdata);
 }
 
-static int schedule_attempt(struct http_download *d, uint64_t delay_usec) {
-        uint64_t when = now_usec(d) + delay_usec;
-        int r;
-
-        d->state = HTTP_WAITING;
-        r = sd_event_source_set_time(d->attempt_timer, when);
+static int arm_attempt_timer(struct http_download *d, uint64_t delay_usec) {
+        int r = sd_event_source_set_time(d->attempt_timer, now_usec(d) + delay_usec);
         if (r < 0)
                 return r;
         return sd_event_source_set_enabled(d->attempt_timer, SD_EVENT_ONESHOT);
+}
+
+static int schedule_attempt(struct http_download *d, uint64_t delay_usec) {
+        d->state = HTTP_WAITING;
+        return arm_attempt_timer(d, delay_usec);
 }
 
 static int start_request(struct http_download *d) {
@@ -324,9 +328,17 @@ static int start_request(struct http_download *d) {
         return 0;
 }
 
+static void ask_for_fresh_url(struct http_download *d, long code);
+
 static int on_attempt_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         struct http_download *d = userdata;
         int r;
+
+        if (d->state == HTTP_NEED_URL) {
+                /* The owner's job refresh got lost: ask again (bounded). */
+                ask_for_fresh_url(d, d->refused_code);
+                return 0;
+        }
 
         if (d->offset == d->size) {
                 /* A record said everything is there (and it was synced
@@ -372,6 +384,7 @@ static void retry_or_fail(struct http_download *d, int error, const char *what) 
 
 static void ask_for_fresh_url(struct http_download *d, long code) {
         char reason[128];
+        int r;
 
         if (d->offset > d->offset_at_refresh)
                 d->refreshes_without_progress = 0;
@@ -383,7 +396,13 @@ static void ask_for_fresh_url(struct http_download *d, long code) {
                 return;
         }
         d->state = HTTP_NEED_URL;
+        d->refused_code = code;
         d->stats.url_refreshes++;
+        r = arm_attempt_timer(d, NEED_URL_TIMEOUT_USEC);
+        if (r < 0) {
+                finish(d, r, "cannot arm the fresh-URL timeout");
+                return;
+        }
         log_job(LOG_NOTICE, d->job_id, "download",
                 "HTTPS server refused %s with HTTP %ld (expired presigned URL?) at %" PRIu64 "/%" PRIu64
                 " bytes, asking for a fresh URL",
@@ -901,4 +920,6 @@ int http_download_set_url(struct http_download *d, const char *url) {
 
 void http_download_get_stats(const struct http_download *d, struct http_download_stats *ret) {
         *ret = d->stats;
+        ret->offset = d->offset;
+        ret->persisted = d->persisted;
 }
