@@ -89,7 +89,7 @@ static const struct config_item items[] = {
         ENUM("ota", "protocol", C(ota.protocol), "mqtt", protocol_names),
         INT("ota", "block_size", C(ota.block_size), "32768", 256, 131072),
         INT("ota", "window", C(ota.window), "4", 1, 64),
-        INT("ota", "max_requests_per_second", C(ota.max_requests_per_second), "20", 1, 100),
+        INT("ota", "max_requests_per_second", C(ota.max_requests_per_second), "20", 0, 100),
         INT("ota", "request_timeout", C(ota.request_timeout), "10", 1, 3600),
         INT("ota", "momentum", C(ota.momentum), "32", 1, 1000),
         INT("ota", "progress_interval", C(ota.progress_interval), "10", 0, 86400),
