@@ -82,6 +82,7 @@ struct jobs {
 static void update_send(struct update *u);
 static void updates_kick(struct jobs *jobs);
 static int next_get_request(struct jobs *jobs);
+static int next_get_send(struct jobs *jobs);
 
 static const char *const status_names[] = {
         [JOB_QUEUED] = "QUEUED",       [JOB_IN_PROGRESS] = "IN_PROGRESS", [JOB_SUCCEEDED] = "SUCCEEDED",
@@ -335,7 +336,7 @@ static int on_update_timer(sd_event_source *es, uint64_t usec, void *userdata) {
         u->timer = sd_event_source_disable_unref(u->timer);
         if (u->in_flight) {
                 u->in_flight = false;
-                job_log(LOG_WARNING, u->job_id, "Job %s: no answer to the %s update within 10 s, retrying", u->job_id,
+                job_log(LOG_WARNING, u->job_id, "Job %s: no answer to the %s update within 10 s, sending it again", u->job_id,
                         job_status_to_string(u->status));
                 (void) sd_event_add_time_relative(u->jobs->otad->event, &u->timer, CLOCK_MONOTONIC,
                                                   backoff_usec(u->attempts), 0, on_update_timer, u);
@@ -352,7 +353,6 @@ static void update_send(struct update *u) {
 
         if (u->in_flight || u->timer || !mqtt_session_is_connected(jobs->mqtt))
                 return;
-        make_token(jobs, u->token, sizeof(u->token));
         /* Compact JSON, status + statusDetails like the reference agent
          * (§2.4); no expectedVersion, so the service applies updates in the
          * order we send them (we send one at a time). */
@@ -401,9 +401,15 @@ static void on_update_reply(struct jobs *jobs, const char *job_id, bool accepted
         struct update *u = jobs->updates;
         const char *c;
 
-        if (!u || !u->in_flight || !cJSON_IsString(token) || strcmp(token->valuestring, u->token) != 0 ||
+        if (!u || !u->attempts || !cJSON_IsString(token) || strcmp(token->valuestring, u->token) != 0 ||
             strcmp(u->job_id, job_id) != 0) {
-                log_debug("Ignoring an update reply for job %s that answers no request in flight", job_id);
+                log_debug("Ignoring an update reply for job %s that answers no request of ours", job_id);
+                return;
+        }
+        if (!u->in_flight && !accepted) {
+                /* A rejection of an earlier attempt; the retry is on its way. */
+                log_debug("Ignoring a late rejection of an earlier %s update of job %s", job_status_to_string(u->status),
+                          job_id);
                 return;
         }
         u->in_flight = false;
@@ -452,6 +458,10 @@ int jobs_update(struct jobs *jobs, const char *job_id, enum job_status status, c
         u->flags = flags;
         u->done = done;
         u->userdata = userdata;
+        /* One token for all attempts: a late answer to an earlier attempt
+         * settles the update just as well (a service slower than our
+         * timeout must not make us retry forever). */
+        make_token(jobs, u->token, sizeof(u->token));
         u->job_id = strdup(job_id);
         if (!u->job_id) {
                 update_free(u);
@@ -496,19 +506,20 @@ static int on_next_get_timer(sd_event_source *es, uint64_t usec, void *userdata)
         struct jobs *jobs = userdata;
 
         jobs->next_get_timer = sd_event_source_disable_unref(jobs->next_get_timer);
-        if (jobs->next_get_token[0]) {
-                log_warning("No answer to $next/get within 10 s, asking again");
-                jobs->next_get_token[0] = '\0';
-        }
-        return next_get_request(jobs);
+        if (jobs->next_get_token[0])
+                log_warning("No answer to $next/get yet, asking again");
+        return next_get_send(jobs);
 }
 
-static int next_get_request(struct jobs *jobs) {
+/* Sends $next/get with the current token: retries keep it, so that the
+ * answer to any attempt counts. */
+static int next_get_send(struct jobs *jobs) {
         char body[128];
         int r;
 
         jobs->next_get_timer = sd_event_source_disable_unref(jobs->next_get_timer);
-        make_token(jobs, jobs->next_get_token, sizeof(jobs->next_get_token));
+        if (!jobs->next_get_token[0])
+                make_token(jobs, jobs->next_get_token, sizeof(jobs->next_get_token));
         snprintf(body, sizeof(body), "{\"clientToken\":\"%s\"}", jobs->next_get_token);
         r = mqtt_publish(jobs->mqtt, "jobs/$next/get", body, strlen(body), 1);
         if (r < 0) {
@@ -518,12 +529,20 @@ static int next_get_request(struct jobs *jobs) {
         jobs->next_get_attempts++;
         log_debug("Asked for the next job ($next/get %s)", jobs->next_get_token);
         r = sd_event_add_time_relative(jobs->otad->event, &jobs->next_get_timer, CLOCK_MONOTONIC,
-                                       jobs->next_get_attempts > 1 ? backoff_usec(jobs->next_get_attempts)
-                                                                   : REPLY_TIMEOUT_USEC,
+                                       REPLY_TIMEOUT_USEC + (jobs->next_get_attempts > 1
+                                                                     ? backoff_usec(jobs->next_get_attempts - 1)
+                                                                     : 0),
                                        0, on_next_get_timer, jobs);
         if (r < 0)
                 log_warning("Failed to arm the $next/get timeout: %s, ignoring", strerror(-r));
         return 0;
+}
+
+/* A new question: the queue may have changed since any earlier one. */
+static int next_get_request(struct jobs *jobs) {
+        jobs->next_get_token[0] = '\0';
+        jobs->next_get_attempts = 0;
+        return next_get_send(jobs);
 }
 
 int jobs_request_refresh(struct jobs *jobs) {
@@ -842,8 +861,24 @@ static void on_connection(bool connected, bool session_present, void *userdata) 
         struct jobs *jobs = userdata;
 
         if (!connected) {
+                struct update **p = &jobs->updates;
+
                 jobs->next_get_token[0] = '\0';
                 jobs->next_get_timer = sd_event_source_disable_unref(jobs->next_get_timer);
+                /* Progress is dropped when offline (jobs.h); a newer one
+                 * follows soon enough. */
+                while (*p) {
+                        struct update *u = *p;
+
+                        if (!(u->flags & JOBS_UPDATE_PROGRESS)) {
+                                p = &u->next;
+                                continue;
+                        }
+                        *p = u->next;
+                        if (u->done)
+                                u->done(-ENOTCONN, u->userdata);
+                        update_free(u);
+                }
                 /* An update in flight is sent again, with a new token, after
                  * the reconnect; the service applies a repeated status twice
                  * harmlessly (IN_PROGRESS -> IN_PROGRESS is allowed). */

@@ -156,7 +156,8 @@ class TestSession(JobsTestCase):
         otad = self.start_otad(mqtt={"ca_file": self.stack.pki.rogue_cert})
         otad.wait_for_log(r"not trusted by .*rogue\.crt", CONNECT_TIMEOUT)
         # Still trying, with backoff, and never connected insecurely.
-        wait_until(lambda: len(otad.grep(r"not trusted by")) >= 2, CONNECT_TIMEOUT, "a second attempt")
+        wait_until(lambda: len(otad.grep(r"Connection to localhost:\d+ failed: .*not trusted by")) >= 2,
+                   CONNECT_TIMEOUT, "a second attempt")
         self.assertFalse(otad.grep(r"Connected to"))
         self.assertEqual(self.next_get_count(), 0)
         self.assert_running(otad)
@@ -264,6 +265,20 @@ class TestCustomJobs(JobsTestCase):
         self.service.queue_job(self.thing, "after-cancel", {"operation": "hello"})
         self.assertEqual(self.final("after-cancel")[0], "SUCCEEDED")
 
+    def test_stopping_otad_kills_the_running_handler(self):
+        otad = self.start_connected()
+        self.service.queue_job(self.thing, "stop-1", {"operation": "slow"})
+        pidfile = os.path.join(self.stack.workdir, "slow-stop-1.pid")
+        wait_until(lambda: os.path.exists(pidfile) and open(pidfile).read().strip(), JOB_TIMEOUT, "the handler")
+        pid = int(open(pidfile).read())
+        started = time.monotonic()
+        self.assertEqual(otad.stop(timeout=10), 0)
+        self.assertLess(time.monotonic() - started, 5, "otad took too long to stop")
+        self.assertFalse(pid_alive(pid), "handler survived otad")
+        self.assertTrue(otad.grep(r"Job stop-1: otad is stopping, killing handler slow"))
+        # Not finished: the service offers it again after a restart.
+        self.assertEqual(self.service.job_status(self.thing, "stop-1"), "IN_PROGRESS")
+
     def test_handler_timeout_fails_the_job(self):
         self.start_connected(jobs={"handler_timeout": 2})
         self.service.queue_job(self.thing, "timeout-1", {"operation": "slow"})
@@ -272,6 +287,26 @@ class TestCustomJobs(JobsTestCase):
         self.assertEqual(execution["statusDetails"]["reason"], "timed out after 2 s")
         pid = int(open(os.path.join(self.stack.workdir, "slow-timeout-1.pid")).read())
         wait_until(lambda: not pid_alive(pid), 10, "the timed-out handler to go away")
+
+
+class TestSlowService(JobsTestCase):
+    def test_answers_slower_than_the_timeout_still_count(self):
+        otad = self.start_connected()
+        # Every Jobs message to this thing now takes 12 s, more than otad's
+        # 10 s reply timeout: it sends again, and the late answers to the
+        # first attempts settle the requests.
+        self.service.set_faults(self.thing, delay=12)
+        self.service.queue_job(self.thing, "slow-service", {"operation": "hello"})
+        status, execution = self.final("slow-service", timeout=90)
+        self.assertEqual(status, "SUCCEEDED")
+        otad.wait_for_log(r"Job slow-service: SUCCEEDED accepted by the service", 30)
+        self.assertTrue(otad.grep(r"Job slow-service: no answer to the IN_PROGRESS update within 10 s, sending it again"))
+        # The same clientToken on every attempt of one update.
+        tokens = {}
+        for u in self.updates("slow-service"):
+            tokens.setdefault(u["request"]["status"], set()).add(u["request"]["clientToken"])
+        self.assertEqual({k: len(v) for k, v in tokens.items()}, {"IN_PROGRESS": 1, "SUCCEEDED": 1})
+        self.assert_running(otad)
 
 
 class TestMalformed(JobsTestCase):
