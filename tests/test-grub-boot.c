@@ -5,8 +5,8 @@
  * otad's grub backend edits between boots. Proves the boot-once contract
  * with the real bootloader: a slot set with set_try_once boots once; if not
  * marked good it is not booted again; mark_good keeps it; mark_bad switches
- * back. The menuentry part of the snippet is replaced by printing the chosen
- * slot and halting. Needs root (loop mount) and qemu-system-x86, ovmf,
+ * back. The menuentry's linux/initrd lines are replaced by printing the
+ * chosen slot and root label, and halting. Needs root (loop mount) and qemu-system-x86, ovmf,
  * grub-efi-amd64-bin, mtools, fdisk, e2fsprogs; skips otherwise. About 7 s
  * per boot. */
 #include <sys/mount.h>
@@ -46,10 +46,15 @@ static char *boot(void) {
             " -drive file='%s/esp.img',format=raw,if=virtio -drive file='%s',format=raw,if=virtio"
             " </dev/null >'%s' 2>&1",
             dir, dir, env_img, log);
-        out = capture("tr -d '\\r' < '%s' | grep -a -o 'OTAD-GRUB-SLOT=[A-Z]*' | tail -1", log);
+        /* the menuentry prints the slot and the root label it picked */
+        out = capture("tr -d '\\r' < '%s' | grep -a -o 'OTAD-GRUB-SLOT=[A-Z]* rlabel=root[A-Z]*' | tail -1", log);
         if (out && (p = strchr(out, '='))) {
-                p[strcspn(p, "\n")] = '\0';
-                slot = strdup(p + 1);
+                char *label = strstr(p, " rlabel=root");
+
+                p[strcspn(p, " \n")] = '\0';
+                /* the entry must boot the root of the slot it announces */
+                if (label && strncmp(label + strlen(" rlabel=root"), p + 1, strlen(p + 1)) == 0)
+                        slot = strdup(p + 1);
         }
         free(out);
         free(log);
@@ -84,11 +89,14 @@ static bool make_esp(void) {
         r = run("cd '%s' && sed -n '/^ \\* grub.cfg (for slots A and B/,/^ \\*\\/$/p' '%s' | sed '1,2d;$d'"
                 " | sed 's/^ \\*   \\{0,1\\}//; s/^ \\*$//' > snippet.cfg"
                 " && grep -q '^save_env' snippet.cfg"
-                " && { echo 'search --no-floppy --file /grubenv --set=envdisk'; echo 'set envdir=($envdisk)';"
-                "      sed -n '1,/^save_env/p' snippet.cfg | sed 's/\\$prefix/$envdir/g';"
-                "      echo 'echo \"OTAD-GRUB-SLOT=$slot\"'; echo halt; } > test.cfg"
+                " && { echo 'set timeout=0'; echo 'search --no-floppy --file /grubenv --set=envdisk';"
+                "      echo 'set envdir=($envdisk)';"
+                "      sed 's/\\$prefix/$envdir/g;"
+                "           s|^  linux .*|  echo \"OTAD-GRUB-SLOT=$slot rlabel=$rlabel\"|; s|^  initrd .*|  halt|' snippet.cfg;"
+                "    } > test.cfg"
+                " && grep -q OTAD-GRUB-SLOT test.cfg"
                 " && grub-mkstandalone -O x86_64-efi -o BOOTX64.EFI"
-                "    --modules='part_gpt ext2 fat search search_fs_file loadenv test echo halt normal configfile'"
+                "    --modules='part_gpt ext2 fat search search_fs_file search_label loadenv test echo halt normal configfile'"
                 "    boot/grub/grub.cfg=test.cfg"
                 " && truncate -s 40M esp.img"
                 " && printf 'label: gpt\\nstart=2048, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\\n' | sfdisk -q esp.img"
