@@ -445,19 +445,25 @@ static int start_transfer(struct ota *ota) {
         return 0;
 }
 
+struct part_reader {
+        struct ota *ota;
+        unsigned index;
+};
+
 static int read_part(uint64_t offset, void *buf, size_t len, void *userdata) {
-        struct ota *ota = userdata;
-        const struct ota_document_file *f = &ota->doc->files[ota->state.file_index];
-        struct ota_image *img = image_of_file(ota, ota->state.file_index);
+        struct part_reader *reader = userdata;
+        const struct ota_document_file *f = &reader->ota->doc->files[reader->index];
+        struct ota_image *img = image_of_file(reader->ota, reader->index);
 
         return img->installer->ops->read(img->installer, f->part_offset + offset, buf, len);
 }
 
-/* The bytes are on the target: check that they are what the job signed,
- * reading them back from the target itself. */
-static int verify_current_file(struct ota *ota) {
-        const struct ota_document_file *f = &ota->doc->files[ota->state.file_index];
+/* The bytes of files[index] are on the target: check that they are what
+ * the job signed, reading them back from the target itself. */
+static int verify_file_at(struct ota *ota, unsigned index) {
+        const struct ota_document_file *f = &ota->doc->files[index];
         const struct otad_config *config = ota->otad->config;
+        struct part_reader reader = { ota, index };
         struct verify_report report = { 0 };
         struct verify_request req = {
                 .sig_key = f->signature_key ? f->signature_key : "",
@@ -467,15 +473,14 @@ static int verify_current_file(struct ota *ota) {
                 .signing_ca = config->ota.signing_ca,
                 .size = f->filesize,
                 .read = read_part,
-                .userdata = ota,
+                .userdata = &reader,
         };
         char reason[64];
         int r;
 
         if (!f->signature || !f->signature_key) {
                 ota_format_reason(reason, sizeof(reason), NULL, OTA_PAL_SIGNATURE_CHECK_FAILED, EBADMSG);
-                ota_fail(ota, reason, "files[%u] carries no signature; otad installs only signed images",
-                         ota->state.file_index);
+                ota_fail(ota, reason, "files[%u] carries no signature; otad installs only signed images", index);
                 return -EBADMSG;
         }
         r = verify_file(&req, &report);
@@ -484,13 +489,13 @@ static int verify_current_file(struct ota *ota) {
                                                                                     : OTA_PAL_SIGNATURE_CHECK_FAILED;
 
                 ota_format_reason(reason, sizeof(reason), NULL, code, (unsigned) -r);
-                ota_fail(ota, reason, "files[%u]: %s", ota->state.file_index, report.reason);
+                ota_fail(ota, reason, "files[%u]: %s", index, report.reason);
                 return r;
         }
         log_full(LOG_NOTICE, 0,
                  &(const struct log_fields){ .message_id = OTAD_MID_IMAGE_VERIFIED, .job_id = ota->job_id,
                                              .stage = "verify" },
-                 "files[%u] verified: sha256 %s, signed by %s", ota->state.file_index, report.sha256_hex,
+                 "files[%u] verified: sha256 %s, signed by %s", index, report.sha256_hex,
                  report.cert_name);
         return 0;
 }
@@ -523,7 +528,7 @@ static void finish_transfer(struct ota *ota) {
                         return;
                 }
         }
-        if (verify_current_file(ota) < 0)
+        if (verify_file_at(ota, index) < 0)
                 return;
         ota->state.file_index++;
         ota->state.done = 0;
@@ -534,6 +539,14 @@ static void finish_transfer(struct ota *ota) {
         r = update_state_save(ota->otad->config->state.directory, UPDATE_STATE_FILE, &ota->state);
         if (r < 0)
                 log_job(LOG_WARNING, ota->job_id, "verify", "Failed to save state: %s", strerror(-r));
+        else {
+                /* update.json now says this file is done: its block map is
+                 * no longer needed for resuming. */
+                _cleanup_free_ char *done = progress_path(ota, index);
+
+                if (done)
+                        unlink(done);
+        }
         ota_kick(ota);
 }
 
@@ -596,6 +609,37 @@ static void on_activate_done(struct installer *in, int r, void *userdata) {
         ota_kick(ota);
 }
 
+/* A job found verified at start (otad stopped between verification and
+ * activation): open its images again and verify them once more, since
+ * nothing is handed on for activation that was not verified by this run. */
+static int reopen_verified(struct ota *ota) {
+        char reason[64];
+
+        for (size_t i = 0; i < ota->n_images; i++) {
+                struct ota_image *img = &ota->images[i];
+                int r;
+
+                if (img->begun)
+                        continue;
+                r = img->installer->ops->begin(img->installer, img->size, true);
+                if (r >= 0)
+                        r = img->installer->ops->finish(img->installer);
+                if (r < 0) {
+                        ota_format_reason(reason, sizeof(reason), NULL, OTA_PAL_RX_FILE_CREATE_FAILED, (unsigned) -r);
+                        ota_fail(ota, reason, "[target.%s]: %s", img->target->name,
+                                 img->installer->reason ? img->installer->reason : strerror(-r));
+                        return r;
+                }
+                img->begun = true;
+                for (unsigned f = img->first; f < img->first + img->count; f++) {
+                        r = verify_file_at(ota, f);
+                        if (r < 0)
+                                return r;
+                }
+        }
+        return 0;
+}
+
 /* One step of the job in hand, always from the event loop, never from
  * inside a transfer's or installer's callback. */
 static int on_kick(sd_event_source *s, void *userdata) {
@@ -624,8 +668,11 @@ static int on_kick(sd_event_source *s, void *userdata) {
                 }
                 return 0;
         case UPDATE_VERIFIED:
-                if (!ota->activating)
-                        activate_next(ota);
+                if (ota->activating)
+                        return 0;
+                if (ota->activate_index == 0 && reopen_verified(ota) < 0)
+                        return 0;
+                activate_next(ota);
                 return 0;
         case UPDATE_ACTIVATED:
                 if (!ota->activating && ota->activate_index < ota->n_images)
