@@ -81,8 +81,10 @@ int bootloader_get_state(struct bootloader *b, const char *bootname, bool *ret_g
  * with -EINVAL before anything is written. */
 bool bootloader_knows(const struct bootloader *b, const char *bootname);
 /* For backends: a boot order: first (may be NULL) in front, then the
- * names of current (space-separated, may be NULL), then b->bootnames not yet
- * listed, each once; last (may be NULL) goes to the end, or is left out
- * when drop_last. New string, names separated by one space. */
+ * names of current (space-separated; NULL means b->bootnames), each once;
+ * last (may be NULL) goes to the end, or is left out when drop_last. A name
+ * missing from current stays missing unless it is first or last (U-Boot
+ * takes a slot marked bad out of BOOT_ORDER; marking another slot good must
+ * not bring it back). New string, names separated by one space. */
 int bootloader_order(const struct bootloader *b, const char *current, const char *first,
                      const char *last, bool drop_last, char **ret_order);

@@ -111,7 +111,7 @@ int bootloader_order(const struct bootloader *b, const char *current, const char
         r = order_add(&v, &n, first, last);
         for (char *w = cur ? strtok_r(cur, " \t", &save) : NULL; r >= 0 && w; w = strtok_r(NULL, " \t", &save))
                 r = order_add(&v, &n, w, last);
-        for (size_t i = 0; r >= 0 && i < b->n_bootnames; i++)
+        for (size_t i = 0; r >= 0 && !current && i < b->n_bootnames; i++)
                 r = order_add(&v, &n, b->bootnames[i], last);
         if (r >= 0 && last && !drop_last)
                 r = order_add(&v, &n, last, NULL);

@@ -98,6 +98,10 @@ static void test_single_copy(void) {
         tap_is_int(bootloader_get_state(b, "B", &good), 0, "get_state(B)");
         tap_ok(!good, "B is bad");
         var_is(cfg, "bootdelay", "2");
+        tap_is_int(bootloader_mark_good(b, "A"), 0, "mark_good(A) after mark_bad(B)");
+        var_is(cfg, "BOOT_ORDER", "A");
+        tap_is_int(bootloader_set_try_once(b, "B"), 0, "a new update: set_try_once(B)");
+        var_is(cfg, "BOOT_ORDER", "B A");
 
         bootloader_free(b);
         config_free(c);

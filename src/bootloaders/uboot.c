@@ -21,24 +21,33 @@
  * with a valid CRC) is refused: libubootenv would then write an environment
  * holding only our variables, and U-Boot would lose bootcmd and the rest.
  *
- * U-Boot boot script (slots A and B on mmc 0, partitions 2 and 3):
+ * U-Boot boot script (slots A and B on mmc 0, partitions 2 and 3), in the
+ * form of RAUC's contrib/uboot.sh, whose hush quirks (the quoted for list,
+ * the "x" comparisons, the 0x prefix for setexpr's hex) are proven on
+ * hardware; untested by otad's suite, which has no U-Boot to run it:
  *
  *   test -n "${BOOT_ORDER}" || setenv BOOT_ORDER "A B"
  *   test -n "${BOOT_A_LEFT}" || setenv BOOT_A_LEFT 3
  *   test -n "${BOOT_B_LEFT}" || setenv BOOT_B_LEFT 3
  *   setenv rootpart
- *   for s in ${BOOT_ORDER}; do
- *     if test -z "${rootpart}"; then
- *       if test "${s}" = A && test 0x${BOOT_A_LEFT} -gt 0; then
- *         setexpr BOOT_A_LEFT ${BOOT_A_LEFT} - 1; setenv rootpart 2; setenv slot A
- *       elif test "${s}" = B && test 0x${BOOT_B_LEFT} -gt 0; then
- *         setexpr BOOT_B_LEFT ${BOOT_B_LEFT} - 1; setenv rootpart 3; setenv slot B
+ *   for BOOT_SLOT in "${BOOT_ORDER}"; do
+ *     if test "x${rootpart}" != "x"; then
+ *       # a slot was chosen, skip the rest
+ *     elif test "x${BOOT_SLOT}" = "xA"; then
+ *       if test 0x${BOOT_A_LEFT} -gt 0; then
+ *         setexpr BOOT_A_LEFT ${BOOT_A_LEFT} - 1
+ *         setenv rootpart 2; setenv slot A
+ *       fi
+ *     elif test "x${BOOT_SLOT}" = "xB"; then
+ *       if test 0x${BOOT_B_LEFT} -gt 0; then
+ *         setexpr BOOT_B_LEFT ${BOOT_B_LEFT} - 1
+ *         setenv rootpart 3; setenv slot B
  *       fi
  *     fi
  *   done
- *   if test -z "${rootpart}"; then
- *     echo "No slot has tries left, resetting"; setenv BOOT_A_LEFT 3; setenv BOOT_B_LEFT 3
- *     saveenv; reset
+ *   if test "x${rootpart}" = "x"; then
+ *     echo "No slot has tries left, resetting"
+ *     setenv BOOT_A_LEFT 3; setenv BOOT_B_LEFT 3; saveenv; reset
  *   fi
  *   saveenv
  *   setenv bootargs "${bootargs} root=/dev/mmcblk0p${rootpart} rootwait otad.slot=${slot}"
