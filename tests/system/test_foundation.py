@@ -151,6 +151,53 @@ class NotifySocket(Workdir):
         self.assertIn("Received SIGHUP, ignoring: restart otad to apply a changed configuration", self.log.read())
 
 
+@unittest.skipUnless(os.geteuid() == 0 and shutil.which("unshare"), "needs root and unshare for a private mount namespace")
+class Journal(Workdir):
+    """Under systemd, stderr is the journal stream: otad then sends native
+    journal entries with structured fields. A socket of ours stands in for
+    journald, bind-mounted over /run/systemd/journal in a private mount
+    namespace so the host's journal (if any) is not touched."""
+
+    def test_structured_fields_when_stderr_is_the_journal_stream(self):
+        journal_dir = os.path.join(self.dir, "journal")
+        os.makedirs(journal_dir)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(os.path.join(journal_dir, "socket"))
+        sock.settimeout(0.2)
+        self.addCleanup(sock.close)
+        os.makedirs("/run/systemd/journal", exist_ok=True)
+        stderr_path = os.path.join(self.dir, "stderr")
+        with open(stderr_path, "w") as stderr:
+            st = os.fstat(stderr.fileno())
+            env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+            proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                     f"mount --bind {journal_dir} /run/systemd/journal && exec {OTAD} -c {self.valid_config()}"],
+                                    env=env, stdout=stderr, stderr=stderr)
+            entries = []
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not any("MESSAGE_ID=53e7acdcb6a24fe4a14f5ddf144cfcc3" in e for e in entries):
+                try:
+                    entries.append(sock.recv(65536).decode())
+                except socket.timeout:
+                    pass
+            proc.send_signal(signal.SIGTERM)
+            self.assertEqual(proc.wait(timeout=10), 0)
+        try:
+            while True:
+                entries.append(sock.recv(65536).decode())
+        except socket.timeout:
+            pass
+        fields = [dict(line.split("=", 1) for line in e.splitlines() if "=" in line) for e in entries]
+        started = [f for f in fields if f.get("MESSAGE_ID") == "53e7acdcb6a24fe4a14f5ddf144cfcc3"]
+        self.assertTrue(started, entries)
+        self.assertEqual(started[0]["PRIORITY"], "6")
+        self.assertEqual(started[0]["SYSLOG_IDENTIFIER"], "otad")
+        self.assertIn("started for thing gw-test", started[0]["MESSAGE"])
+        stopping = [f for f in fields if f.get("MESSAGE_ID") == "d5b22586263f4f48bc345ca99c219889"]
+        self.assertTrue(stopping, entries)
+        self.assertEqual(open(stderr_path).read(), "", "nothing goes to stderr when it is the journal stream")
+
+
 class UnitFile(Workdir):
     def test_systemd_analyze_verify(self):
         if not shutil.which("systemd-analyze"):
