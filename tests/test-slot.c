@@ -33,8 +33,12 @@ int main(void) {
                         "[slot.rootfs.b]\ndevice = %s/b.img\nbootname = system1\n\n"
                         "[slot.appfs.x]\ndevice = /dev/null\nbootname = X\n\n",
                         dir, dir);
-        write_bytes(xprintf("%s/a.img", dir), "a", 1);
-        write_bytes(xprintf("%s/b.img", dir), "b", 1);
+        for (char name = 'a'; name <= 'b'; name++) {
+                char *img = xprintf("%s/%c.img", dir, name);
+
+                write_bytes(img, &name, 1);
+                free(img);
+        }
         c = load_config(dir, slots);
         tap_ok(c != NULL, "config loads");
         if (!c)
