@@ -30,19 +30,18 @@ static void write_file(const char *path, const char *text, mode_t mode) {
         chmod(path, mode);
 }
 
-/* Loads text as a config file with stderr captured into `captured`. */
-static int load(const char *text, struct otad_config **ret) {
+/* Runs fn(arg) with stderr captured into `captured`; returns fn's result. */
+static int capture(int (*fn)(const void *arg, void *out), const void *arg, void *out) {
         char log_path[600];
         int saved, fd, r;
         ssize_t n;
 
-        write_file(conf_path, text, 0644);
         snprintf(log_path, sizeof(log_path), "%s/stderr", dir);
         fflush(stderr);
         saved = dup(STDERR_FILENO);
         fd = open(log_path, O_RDWR | O_CREAT | O_TRUNC, 0600);
         dup2(fd, STDERR_FILENO);
-        r = config_load(conf_path, ret);
+        r = fn(arg, out);
         fflush(stderr);
         dup2(saved, STDERR_FILENO);
         close(saved);
@@ -53,25 +52,22 @@ static int load(const char *text, struct otad_config **ret) {
         return r;
 }
 
-static int check_files(const struct otad_config *c) {
-        char log_path[600];
-        int saved, fd, r;
-        ssize_t n;
+static int do_load(const void *path, void *ret) {
+        return config_load(path, ret);
+}
 
-        snprintf(log_path, sizeof(log_path), "%s/stderr", dir);
-        fflush(stderr);
-        saved = dup(STDERR_FILENO);
-        fd = open(log_path, O_RDWR | O_CREAT | O_TRUNC, 0600);
-        dup2(fd, STDERR_FILENO);
-        r = config_check_files(c);
-        fflush(stderr);
-        dup2(saved, STDERR_FILENO);
-        close(saved);
-        lseek(fd, 0, SEEK_SET);
-        n = read(fd, captured, sizeof(captured) - 1);
-        captured[n > 0 ? n : 0] = '\0';
-        close(fd);
-        return r;
+static int do_check_files(const void *config, void *unused) {
+        return config_check_files(config);
+}
+
+/* Loads text as a config file with stderr captured. */
+static int load(const char *text, struct otad_config **ret) {
+        write_file(conf_path, text, 0644);
+        return capture(do_load, conf_path, ret);
+}
+
+static int check_files(const struct otad_config *c) {
+        return capture(do_check_files, c, NULL);
 }
 
 static bool said(const char *what) {
@@ -240,23 +236,10 @@ static void test_errors(void) {
 static void test_missing_file(void) {
         struct otad_config *c = NULL;
         char missing[600];
-        char log_path[600];
-        int saved, fd, r;
-        ssize_t n;
+        int r;
 
         snprintf(missing, sizeof(missing), "%s/nope.conf", dir);
-        snprintf(log_path, sizeof(log_path), "%s/stderr", dir);
-        saved = dup(STDERR_FILENO);
-        fd = open(log_path, O_RDWR | O_CREAT | O_TRUNC, 0600);
-        dup2(fd, STDERR_FILENO);
-        r = config_load(missing, &c);
-        fflush(stderr);
-        dup2(saved, STDERR_FILENO);
-        close(saved);
-        lseek(fd, 0, SEEK_SET);
-        n = read(fd, captured, sizeof(captured) - 1);
-        captured[n > 0 ? n : 0] = '\0';
-        close(fd);
+        r = capture(do_load, missing, &c);
         tap_ok(r == -ENOENT && said("Failed to open") && said("nope.conf: No such file or directory"),
                "a missing config file is named with the reason");
 }
