@@ -7,8 +7,10 @@
  *
  * Life of one job file: begin -> write* (any order, any offsets) -> sync ... ->
  * finish -> read (verification reads back what was written) -> activate ->
- * (after reboot) confirm or reject. abort() may come at any point before
- * activate.
+ * (after reboot, for ab) confirm or reject, which is bootloader_mark_good()
+ * or bootloader_mark_bad() on in->slot's bootname (bootloader.h): no
+ * installer object survives the reboot. abort() may come at any point
+ * before activate.
  */
 #pragma once
 
