@@ -210,6 +210,27 @@ class GrubUpdate(ABCase):
         self.start("B", "0.9.0", allow_downgrade="yes")
         self.assertEqual(self.svc.wait_terminal(THING, job, timeout=60), "SUCCEEDED")
 
+    def test_reboot_waits_for_the_marker_and_status_follows_each_stage(self):
+        job = "AFR_OTA-marker"
+        marker = os.path.join(self.dir, "may-reboot")
+        self.queue(job, size=4 << 20)
+        # Slow blocks, so that the download stage can be seen.
+        self.svc.set_faults(THING, delay=0.03)
+        self.start("A", "1.0.0", reboot_policy="marker", reboot_marker=marker)
+        self.assertTrue(wait_for(lambda: (self.status()["job"] or {}).get("stage") == "downloading", 30))
+        downloading = self.status()["job"]
+        self.assertEqual((downloading["job_id"], downloading["protocol"], downloading["files"]), (job, "mqtt", 1))
+        self.assertTrue(wait_for(lambda: (self.status()["job"] or {}).get("stage") == "activated", 60))
+        time.sleep(2)
+        self.assertEqual(self.reboot_count(), 0, "no reboot before the marker exists")
+        self.assertEqual(self.status()["job"]["percent"], 100)
+        open(marker, "w").close()
+        self.assertTrue(wait_for(lambda: self.reboot_count() == 1, 10), "reboot once the marker exists")
+        self.start("B", "2.0.0")
+        self.assertEqual(self.svc.wait_terminal(THING, job, timeout=60), "SUCCEEDED")
+        self.assertTrue(wait_for(lambda: self.status()["job"] is None, 10))
+        self.assertEqual(self.status()["last"]["result"], "SUCCEEDED")
+
     def test_booted_slot_is_never_written(self):
         job = "AFR_OTA-from-b"
         self.queue(job)
