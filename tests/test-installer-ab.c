@@ -7,6 +7,7 @@
  * exclusively held or mounted slot is refused, the booted slot is found
  * through the mount table. Every loop device and mount is undone at exit,
  * also when a check fails. */
+#include <signal.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
@@ -339,9 +340,22 @@ out:
         free(line);
 }
 
+/* meson's timeout (SIGTERM) or a crash must not leave loop devices behind
+ * either; system() in a handler is no async-signal-safe code, but the test
+ * is dying anyway and this is its last chance to clean up. */
+static void undo_and_die(int sig) {
+        undo_loops();
+        signal(sig, SIG_DFL);
+        raise(sig);
+}
+
 int main(void) {
+        const int fatal[] = { SIGTERM, SIGINT, SIGSEGV, SIGABRT, SIGBUS };
+
         dir = make_scratch("test-installer-ab");
         atexit(undo_loops);
+        for (size_t i = 0; i < ELEMENTSOF(fatal); i++)
+                signal(fatal[i], undo_and_die);
         slot_a = xprintf("%s/slotA.img", dir);
         slot_b = xprintf("%s/slotB.img", dir);
         grubenv = xprintf("%s/grubenv", dir);
