@@ -47,6 +47,8 @@ void mqtt_unsubscribe(struct mqtt_subscription *sub);
 bool mqtt_topic_matches(const char *filter, const char *topic);
 
 /* Publishes to "$aws/things/<thing>/" + topic. QoS 0 or 1 (AWS has no QoS 2).
- * -ENOTCONN when offline: the caller decides whether to retry. */
+ * -ENOTCONN when offline: the caller decides whether to retry.
+ * -ENAMETOOLONG when the whole topic exceeds AWS's 256 bytes, -EMSGSIZE when
+ * the payload is too large for an MQTT packet. Never retained. */
 int mqtt_publish(struct mqtt_session *s, const char *topic, const void *payload, size_t len,
                  int qos);

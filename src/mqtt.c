@@ -42,6 +42,8 @@
 #define CONNECT_TIMEOUT_USEC (30 * 1000000ULL)
 #define MISC_INTERVAL_USEC (1 * 1000000ULL)
 #define SUBACK_FAILURE 0x80
+#define SUBSCRIPTIONS_MAX 50 /* AWS IoT: per connection; more may close it */
+#define TOPIC_MAX 256        /* AWS IoT: topic names ≤ 256 bytes */
 
 enum session_state {
         SESSION_IDLE,       /* not started, or freed */
@@ -773,6 +775,7 @@ int mqtt_add_connection_handler(struct mqtt_session *s, mqtt_connection_fn fn, v
 int mqtt_subscribe(struct mqtt_session *s, const char *filter, int qos, mqtt_message_fn on_message,
                    mqtt_subscribed_fn on_subscribed, void *userdata, struct mqtt_subscription **ret) {
         struct mqtt_subscription *sub, **p;
+        size_t n = 1;
 
         /* AWS IoT has no QoS 2: a SUBSCRIBE asking for it is never answered. */
         if (qos < 0 || qos > 1 || !on_message || !filter_is_valid(filter))
@@ -792,8 +795,11 @@ int mqtt_subscribe(struct mqtt_session *s, const char *filter, int qos, mqtt_mes
                 return -ENOMEM;
         }
         for (p = &s->subs; *p; p = &(*p)->next)
-                ;
+                n += !(*p)->dead;
         *p = sub;
+        if (n > SUBSCRIPTIONS_MAX)
+                log_warning("%zu topic filters registered, more than AWS IoT's %d per connection: the broker may refuse %s",
+                            n, SUBSCRIPTIONS_MAX, sub->full_filter);
         if (s->state == SESSION_CONNECTED)
                 session_subscribe_pending(s);
         if (ret)
@@ -840,6 +846,8 @@ int mqtt_publish(struct mqtt_session *s, const char *topic, const void *payload,
                 full = NULL;
                 return -ENOMEM;
         }
+        if (strlen(full) > TOPIC_MAX)
+                return -ENAMETOOLONG;
         /* Never RETAIN: AWS refuses retained publishes to $aws/ topics. */
         rc = mosquitto_publish(s->mosq, NULL, full, (int) len, payload, qos, false);
         if (rc == MOSQ_ERR_NO_CONN)
