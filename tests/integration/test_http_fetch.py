@@ -343,8 +343,9 @@ class HttpFetchTest(unittest.TestCase):
     def test_full_download_bit_exact(self):
         data = os.urandom(48 * MIB + 12345)
         self.nginx.add("full.bin", data)
-        r = self.fetch(self.nginx.url("files", "full.bin"), len(data))
+        r = self.fetch(self.nginx.url("files", "full.bin"), len(data), "--verbose")
         self.assertEqual(r["rc"], 0, r)
+        self.assertIn("GET https://127.0.0.1:%d/files/full.bin Range: bytes=0-" % self.nginx.port, r["stderr"])
         self.assertBitExact(data)
         self.assertEqual(int(r["requests"]), 1, "one streaming GET, not one per block")
         self.assertEqual(self.nginx.log("full.bin"), [("bytes=0-", 206, len(data))])
@@ -471,9 +472,10 @@ class HttpFetchTest(unittest.TestCase):
     def test_expired_url_mid_download(self):
         data = os.urandom(5 * MIB + 3)
         s = self.faulty(data, ["cut:%d" % (2 * MIB), "ok"])
-        r = self.fetch(s.url(), len(data), fresh_urls=s.url)
+        r = self.fetch(s.url(), len(data), "--verbose", fresh_urls=s.url)
         self.assertEqual(r["rc"], 0, r)
         self.assertBitExact(data)
+        self.assertNotIn("t=", r["stderr"], "no URL token in any log line")
         self.assertEqual(r["asked"], 1, "asked once for a fresh URL")
         self.assertEqual(int(r["url_refreshes"]), 1)
         statuses = [(e[1], e[2]) for e in s.log]
