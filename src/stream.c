@@ -29,6 +29,8 @@
 #define BACKOFF_MIN_USEC 1000000ull
 #define BACKOFF_MAX_USEC 30000000ull
 
+#define QUIET_MIN_USEC 250000ull
+
 #define USEC_PER_SEC 1000000ull
 
 /* One GetStream request in flight: the blocks it asked for. */
@@ -38,7 +40,9 @@ struct request_slot {
         uint64_t offset;      /* "o" */
         uint32_t n;           /* "n" */
         uint64_t outstanding; /* asked-for blocks not yet received */
-        uint64_t deadline;    /* CLOCK_MONOTONIC usec */
+        uint64_t sent;        /* CLOCK_MONOTONIC usec */
+        bool answered;        /* a block of it arrived */
+        uint64_t deadline;    /* sent + request_timeout */
         uint8_t bitmap[REQUEST_BLOCKS_MAX / 8];
 };
 
@@ -66,13 +70,21 @@ struct stream_download {
         uint64_t next_seq;
         uint64_t cursor;           /* where the next request window search starts */
         uint64_t next_send;        /* pacing: earliest time of the next request */
-        uint64_t interval;         /* 1 s / max_requests_per_second */
+        uint64_t interval;         /* 1 s / max_requests_per_second, 0: unpaced */
         uint64_t timeout;          /* request_timeout */
         unsigned momentum, momentum_max;
         bool silent;               /* a timeout passed without any new block: probe with one request */
         uint64_t blocks_at_last_timeout;
         uint64_t backoff, backoff_until;
         bool offline;
+        /* Tail loss: when the data goes quiet while requests are open, the
+         * rest of them was lost; re-ask once after a few inter-block gaps
+         * instead of waiting the full request_timeout. Re-armed by the
+         * next new block, so a dead service still meets plain timeouts. */
+        uint64_t last_block;       /* arrival of the last data message */
+        uint64_t gap;              /* smoothed time between data messages */
+        uint64_t latency;          /* smoothed request -> first block; 0: unknown */
+        bool quiet_armed;
 
         uint64_t unsaved_blocks, unsaved_since, checkpoint_blocks;
         bool save_failed_logged;
@@ -129,14 +141,13 @@ static void finish(struct stream_download *d, int result, const char *format, ..
         mqtt_unsubscribe(d->sub_rejected);
         d->sub_data = d->sub_rejected = NULL;
 
-        if (result == 0)
-                log_job(LOG_INFO, d->file.job_id, "download",
-                        "Stream file %u complete: %" PRIu64 " new blocks, %" PRIu64 " resumed, %" PRIu64
-                        " duplicates, %" PRIu64 " bad, %" PRIu64 " requests, %" PRIu64 " timeouts",
-                        d->file_id, d->stats.blocks_received, d->stats.blocks_resumed, d->stats.duplicates,
-                        d->stats.bad_blocks, d->stats.requests, d->stats.timeouts);
-        else
-                log_job(LOG_ERR, d->file.job_id, "download", "Stream file %u failed: %s", d->file_id, d->reason);
+        /* The figures, once; the owner reports what the result means. */
+        log_job(LOG_INFO, d->file.job_id, "download",
+                "Stream file %u %s: %" PRIu64 " new blocks, %" PRIu64 " resumed, %" PRIu64 " duplicates, %" PRIu64
+                " bad, %" PRIu64 " requests, %" PRIu64 " timeouts, %" PRIu64 " rejections%s%s",
+                d->file_id, result == 0 ? "complete" : "stopped", d->stats.blocks_received, d->stats.blocks_resumed,
+                d->stats.duplicates, d->stats.bad_blocks, d->stats.requests, d->stats.timeouts, d->stats.rejections,
+                d->reason[0] ? ": " : "", d->reason);
 
         r = sd_event_add_defer(d->otad->event, &d->finish_source, on_finish_event, d);
         if (r < 0) {
@@ -264,6 +275,7 @@ static int send_request(struct stream_download *d, struct request_slot *s, uint6
         s->offset = start;
         s->n = n;
         s->outstanding = wanted;
+        s->sent = now;
         s->deadline = now + d->timeout;
         for (uint32_t k = 0; k < n; k++)
                 if (s->bitmap[k >> 3] & (1u << (k & 7)))
@@ -310,8 +322,42 @@ static void fill_window(struct stream_download *d, uint64_t now) {
         }
 }
 
+static uint64_t quiet_period(const struct stream_download *d) {
+        uint64_t q = 4 * d->gap;
+
+        if (q < QUIET_MIN_USEC)
+                q = QUIET_MIN_USEC;
+        return q < d->timeout / 2 ? q : d->timeout / 2;
+}
+
+/* When an open request counts as lost: nothing arrived for a few gaps
+ * since its last block, or for a few round trips since it was sent (only
+ * once a round trip has been measured). */
+static uint64_t quiet_deadline(const struct stream_download *d, const struct request_slot *s) {
+        uint64_t q;
+
+        if (s->answered)
+                return d->last_block + quiet_period(d);
+        if (d->latency == 0)
+                return UINT64_MAX;
+        q = 4 * d->latency > QUIET_MIN_USEC ? 4 * d->latency : QUIET_MIN_USEC;
+        return s->sent + (q < d->timeout / 2 ? q : d->timeout / 2);
+}
+
 static void expire_requests(struct stream_download *d, uint64_t now) {
-        bool expired = false;
+        bool expired = false, quiet = false;
+
+        if (d->quiet_armed && !d->silent)
+                for (unsigned i = 0; i < d->window; i++) {
+                        struct request_slot *s = &d->slots[i];
+
+                        if (s->active && quiet_deadline(d, s) <= now) {
+                                slot_release(d, s);
+                                quiet = true;
+                        }
+                }
+        if (quiet)
+                d->quiet_armed = false;
 
         for (unsigned i = 0; i < d->window; i++) {
                 struct request_slot *s = &d->slots[i];
@@ -344,9 +390,16 @@ static void schedule(struct stream_download *d, uint64_t now) {
 
         if (d->finished)
                 return;
-        for (unsigned i = 0; i < d->window; i++)
-                if (d->slots[i].active && d->slots[i].deadline < next)
-                        next = d->slots[i].deadline;
+        for (unsigned i = 0; i < d->window; i++) {
+                const struct request_slot *s = &d->slots[i];
+
+                if (!s->active)
+                        continue;
+                if (s->deadline < next)
+                        next = s->deadline;
+                if (d->quiet_armed && !d->silent && quiet_deadline(d, s) < next)
+                        next = quiet_deadline(d, s);
+        }
         if (d->offline)
                 next = now + OFFLINE_POLL_USEC < next ? now + OFFLINE_POLL_USEC : next;
         else if (d->data_ready && d->rejected_ready && anything_to_request(d) &&
@@ -456,6 +509,16 @@ static void on_data(const char *topic, const uint8_t *payload, size_t len, void 
                 log_debug("Dropping stream block %" PRIu64 " of file %u: %s", b.index, d->file_id, problem);
                 return;
         }
+        now = now_usec();
+        if (d->last_block) {
+                uint64_t g = now - d->last_block;
+
+                /* EWMA 1/8, ignoring pauses that are not inter-block gaps. */
+                if (g < d->timeout)
+                        d->gap = d->gap - d->gap / 8 + g / 8;
+        }
+        d->last_block = now;
+
         if (blockmap_test(d->received, b.index)) {
                 /* No request for duplicates: that is how storms start (§9.4). */
                 d->stats.duplicates++;
@@ -469,12 +532,12 @@ static void on_data(const char *topic, const uint8_t *payload, size_t len, void 
                 return;
         }
 
-        now = now_usec();
         blockmap_set(d->received, b.index);
         blockmap_clear(d->inflight, b.index);
         d->stats.blocks_received++;
         d->momentum = 0;
         d->silent = false;
+        d->quiet_armed = true;
         d->backoff = 0;
 
         s = slot_of_block(d, b.index);
@@ -482,6 +545,12 @@ static void on_data(const char *topic, const uint8_t *payload, size_t len, void 
                 uint64_t k = b.index - s->offset;
 
                 s->bitmap[k >> 3] &= (uint8_t) ~(1u << (k & 7));
+                if (!s->answered) {
+                        uint64_t l = now - s->sent;
+
+                        s->answered = true;
+                        d->latency = d->latency ? d->latency - d->latency / 8 + l / 8 : l;
+                }
                 if (--s->outstanding == 0)
                         s->active = false;
                 /* Requests are answered in order: when blocks of a request
@@ -701,7 +770,8 @@ int stream_download_new(struct otad *otad, const char *stream_name, unsigned fil
         }
 
         d->window = c->ota.window > 0 ? (unsigned) c->ota.window : 1;
-        d->interval = USEC_PER_SEC / (uint64_t) (c->ota.max_requests_per_second > 0 ? c->ota.max_requests_per_second : 1);
+        /* 0: no pacing, for brokers other than AWS IoT (and benchmarks). */
+        d->interval = c->ota.max_requests_per_second > 0 ? USEC_PER_SEC / (uint64_t) c->ota.max_requests_per_second : 0;
         d->timeout = (uint64_t) (c->ota.request_timeout > 0 ? c->ota.request_timeout : 10) * USEC_PER_SEC;
         d->momentum_max = c->ota.momentum > 0 ? (unsigned) c->ota.momentum : 32;
         d->slots = calloc(d->window, sizeof *d->slots);
