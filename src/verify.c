@@ -257,8 +257,9 @@ static int check_chain(X509 *cert, const char *signing_ca, struct verify_report 
                 return -ENOMEM;
         if (X509_STORE_load_file(store, signing_ca) != 1)
                 return fail(report, -EKEYREJECTED, "cannot load signing CA %s", signing_ca);
-        /* The configured CA is the anchor even when it is an intermediate. */
-        X509_STORE_set_flags(store, X509_V_FLAG_PARTIAL_CHAIN | X509_V_FLAG_X509_STRICT);
+        /* The configured file is the anchor even when it is an intermediate
+         * or the pinned self-signed signer itself. */
+        X509_STORE_set_flags(store, X509_V_FLAG_PARTIAL_CHAIN);
         if (X509_STORE_CTX_init(ctx, store, cert, NULL) != 1)
                 return -ENOMEM;
         if (X509_verify_cert(ctx) != 1)

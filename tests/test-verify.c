@@ -205,6 +205,13 @@ static void test_verify(void) {
                    "\"Code Verify Key\" maps to Code_Verify_Key");
         tap_is_int(run(VERIFY_SIG_KEY, p384, "p384.pem", NULL, &m, len, &rep), 0, "P-384 key verifies");
         tap_is_int(run(VERIFY_SIG_KEY, good, "signer.pem", ca, &m, len, &rep), 0, "chain check against the CA passes");
+        _cleanup_free_ char *pinned = NULL;
+        if (asprintf(&pinned, "%s/p384.pem", trust) < 0)
+                abort();
+        tap_is_int(run(VERIFY_SIG_KEY, p384, "p384.pem", pinned, &m, len, &rep), 0,
+                   "chain check against the self-signed signer itself passes");
+        tap_is_int(run(VERIFY_SIG_KEY, good, "signer.pem", pinned, &m, len, &rep), -EKEYREJECTED,
+                   "chain check against an unrelated pinned cert: -EKEYREJECTED");
 
         tap_is_int(run(VERIFY_SIG_KEY, good, "signer.pem", other_ca, &m, len, &rep), -EKEYREJECTED,
                    "chain check against another CA: -EKEYREJECTED");
