@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs, from Debian 12's archive, everything otad needs to build, to run
-# its tests and to run its demo. Idempotent; needs root.
+# its tests and to run its demo. Idempotent; needs root. (qemu, ovmf and
+# grub-efi run the documented grub.cfg in real GRUB: tests/test-grub-boot.c.)
 set -eu
 
 packages="
@@ -11,6 +12,7 @@ packages="
   python3 python3-paho-mqtt python3-cbor2 python3-cryptography
   nginx-light grub-common libubootenv-tool u-boot-tools
   fdisk util-linux e2fsprogs procps iproute2 systemd man-db groff-base
+  qemu-system-x86 ovmf grub-efi-amd64-bin mtools
 "
 
 missing=
