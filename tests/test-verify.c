@@ -94,7 +94,7 @@ static void test_base64(void) {
                 size_t n = 99;
                 int r = base64_decode(good[i].in, strlen(good[i].in), &out, &n);
                 tap_ok(r == 0 && n == strlen(good[i].out) && memcmp(out, good[i].out, n) == 0,
-                       "base64 \"%s\" decodes", good[i].in);
+                       "base64 good[%zu] decodes to \"%s\"", i, good[i].out);
         }
         for (size_t i = 0; i < ELEMENTSOF(bad); i++) {
                 uint8_t *out = NULL;
