@@ -42,6 +42,11 @@ int mqtt_subscribe(struct mqtt_session *s, const char *filter, int qos,
 /* Unsubscribes and forgets the registration; NULL is fine. */
 void mqtt_unsubscribe(struct mqtt_subscription *sub);
 
+/* Hands a received message (full topic) to the registrations it matches,
+ * after the thing-name check; what libmosquitto's receive path calls, and
+ * what fuzzers call. */
+void mqtt_session_route(struct mqtt_session *s, const char *full_topic, const void *payload, size_t len);
+
 /* MQTT 3.1.1 topic matching ('+' one level, '#' the rest, no wildcard match
  * of a leading '$' level). Pure; both arguments are plain topic strings. */
 bool mqtt_topic_matches(const char *filter, const char *topic);

@@ -524,30 +524,34 @@ static void on_mosq_subscribe(struct mosquitto *mosq, void *userdata, int mid, i
         free(b);
 }
 
-static void on_mosq_message(struct mosquitto *mosq, void *userdata, const struct mosquitto_message *m) {
-        struct mqtt_session *s = userdata;
+void mqtt_session_route(struct mqtt_session *s, const char *full_topic, const void *payload, size_t len) {
         const char *topic;
         bool matched = false;
 
         /* Only our own thing's topics, whatever the broker sends (AWS routes
          * Jobs replies without a subscription). */
-        if (!m->topic || strncmp(m->topic, s->prefix, s->prefix_len) != 0) {
-                log_debug("Dropping message on %s: not a topic of thing %s", m->topic ? m->topic : "(null)", s->thing);
+        if (!full_topic || strncmp(full_topic, s->prefix, s->prefix_len) != 0) {
+                log_debug("Dropping message on %s: not a topic of thing %s", full_topic ? full_topic : "(null)",
+                          s->thing);
                 return;
         }
-        topic = m->topic + s->prefix_len;
+        topic = full_topic + s->prefix_len;
         s->dispatching++;
         for (struct mqtt_subscription *sub = s->subs; sub; sub = sub->next) {
                 if (sub->dead || !mqtt_topic_matches(sub->filter, topic))
                         continue;
                 matched = true;
-                sub->on_message(topic, m->payload, (size_t) m->payloadlen, sub->userdata);
+                sub->on_message(topic, payload, len, sub->userdata);
         }
         s->dispatching--;
         if (!s->dispatching)
                 session_collect_garbage(s);
         if (!matched)
-                log_debug("Dropping message on %s: no handler registered", m->topic);
+                log_debug("Dropping message on %s: no handler registered", full_topic);
+}
+
+static void on_mosq_message(struct mosquitto *mosq, void *userdata, const struct mosquitto_message *m) {
+        mqtt_session_route(userdata, m->topic, m->payload, m->payloadlen > 0 ? (size_t) m->payloadlen : 0);
 }
 
 static void on_mosq_log(struct mosquitto *mosq, void *userdata, int level, const char *line) {
