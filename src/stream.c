@@ -330,18 +330,19 @@ static uint64_t quiet_period(const struct stream_download *d) {
         return q < d->timeout / 2 ? q : d->timeout / 2;
 }
 
-/* When an open request counts as lost: nothing arrived for a few gaps
- * since its last block, or for a few round trips since it was sent (only
- * once a round trip has been measured). */
+/* When an open request counts as lost: no data message for a few gaps (a
+ * link still busy with earlier requests is not quiet), and for one not yet
+ * answered also a few measured round trips since it was sent. */
 static uint64_t quiet_deadline(const struct stream_download *d, const struct request_slot *s) {
-        uint64_t q;
+        uint64_t link = d->last_block + quiet_period(d), rtt;
 
         if (s->answered)
-                return d->last_block + quiet_period(d);
+                return link;
         if (d->latency == 0)
                 return UINT64_MAX;
-        q = 4 * d->latency > QUIET_MIN_USEC ? 4 * d->latency : QUIET_MIN_USEC;
-        return s->sent + (q < d->timeout / 2 ? q : d->timeout / 2);
+        rtt = 4 * d->latency > QUIET_MIN_USEC ? 4 * d->latency : QUIET_MIN_USEC;
+        rtt = s->sent + (rtt < d->timeout / 2 ? rtt : d->timeout / 2);
+        return rtt > link ? rtt : link;
 }
 
 static void expire_requests(struct stream_download *d, uint64_t now) {

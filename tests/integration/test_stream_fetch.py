@@ -142,6 +142,22 @@ class StreamFetchTest(StreamFetchBase):
             self.assertEqual(q["fields"]["f"], 3)
             self.assertEqual(q["fields"]["n"], 1)
 
+    def test_aws_caps_no_spurious_requests(self):
+        # 512 KiB/s and 100 publishes/s: blocks queue up behind each other,
+        # which must not look like loss (no duplicates, no re-requests).
+        self.service.set_aws_caps(self.thing)
+        try:
+            stream_id, data = self.make_stream(1 * MIB)
+            t0 = time.monotonic()
+            r = self.fetch(self.argv(stream_id, len(data), ota={"block_size": 65536, "request_timeout": 10}))
+            elapsed = time.monotonic() - t0
+        finally:
+            self.service.set_aws_caps(self.thing, enabled=False)
+        self.assertEqual(r["result"], 0, r["reason"])
+        self.assert_file(data)
+        self.assertEqual((r["duplicates"], r["timeouts"], r["requests"]), (0, 0, 8), r)
+        sys.stdout.write("# AWS caps, 64 KiB blocks: %.0f KiB/s (cap 512)\n" % (len(data) / elapsed / KIB))
+
     # ---- faults ------------------------------------------------------------
 
     def test_drop_duplicate_reorder(self):
