@@ -562,11 +562,14 @@ static void job_refuse(struct jobs *jobs, const char *job_id, enum job_status cu
         struct status_detail d[2] = { { NULL, NULL }, { NULL, NULL } };
         int r;
 
-        /* Reasons may quote the document; keep them within the limits. */
-        snprintf(value, sizeof(value), "%s", reason);
-        for (char *p = value; *p; p++)
-                if ((unsigned char) *p < 0x20 || *p == 0x7f)
-                        *p = ' ';
+        /* Reasons may quote the document (cut anywhere, any bytes): when
+         * that breaks the statusDetails rules, fall back to plain ASCII so
+         * that the update can never be refused and block the queue. */
+        snprintf(value, sizeof(value), "%s", reason[0] ? reason : "unknown error");
+        if (!detail_value_is_valid(value))
+                for (char *p = value; *p; p++)
+                        if ((unsigned char) *p < 0x20 || (unsigned char) *p >= 0x7f)
+                                *p = '?';
         d[0] = (struct status_detail){ "reason", value };
         job_log(LOG_WARNING, job_id, "Job %s: %s: %s", job_id, s == JOB_REJECTED ? "rejecting" : "failing", reason);
         finished_add(jobs, job_id, 0);

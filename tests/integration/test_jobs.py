@@ -228,6 +228,12 @@ class TestCustomJobs(JobsTestCase):
         status, execution = self.final("unsafe-1")
         self.assertEqual(status, "REJECTED")
         self.assertIn("invalid operation name", execution["statusDetails"]["reason"])
+        # Quoted in the reason, cut mid-character and with a C1 control: the
+        # REJECTED must still be valid statusDetails, or the queue would hang.
+        self.service.queue_job(self.thing, "unsafe-utf8", {"operation": "a" + "\u00e9" * 40 + "\u0085"})
+        status, execution = self.final("unsafe-utf8")
+        self.assertEqual(status, "REJECTED")
+        self.assertTrue(execution["statusDetails"]["reason"].startswith('invalid operation name "a'))
         self.service.queue_job(self.thing, "unsafe-2", {"operation": "writable"})
         status, execution = self.final("unsafe-2")
         self.assertEqual(status, "REJECTED")
