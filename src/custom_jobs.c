@@ -342,6 +342,9 @@ static void child_exec(const char *path, int in, int out, int err, const char *j
         (void) sigprocmask(SIG_SETMASK, &all, NULL);
         if (dup2(in, STDIN_FILENO) < 0 || dup2(out, STDOUT_FILENO) < 0 || dup2(err, STDERR_FILENO) < 0)
                 _exit(127);
+        /* Nothing else of ours: libmosquitto's socket, for one, is not
+         * close-on-exec, and a handler must not hold the MQTT session. */
+        (void) close_range(3, ~0U, 0);
         if (setenv("OTAD_JOB_ID", job_id, 1) < 0 || setenv("OTAD_THING_NAME", thing, 1) < 0)
                 _exit(127);
         (void) chdir("/");

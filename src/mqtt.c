@@ -591,6 +591,9 @@ static int session_connect(struct mqtt_session *s) {
                 session_fail(s, MOSQ_ERR_NO_CONN);
                 return 0;
         }
+        /* libmosquitto does not ask for close-on-exec: no program we start
+         * may inherit the session. */
+        (void) fcntl(fd, F_SETFD, FD_CLOEXEC);
         /* Poll our own duplicate: libmosquitto closes its descriptor when it
          * likes, and a reused number must never be confused with it. */
         fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);

@@ -75,6 +75,8 @@ class JobsTestCase(unittest.TestCase):
                       'sleep 1\necho "$OTAD_JOB_ID" >> "$(dirname "$0")/../order-$OTAD_THING_NAME"\n')
         write_handler(cls.handlers, "nap3", 'sleep 3\necho "rested"\n')
         write_handler(cls.handlers, "writable", 'echo never\n', mode=0o777)
+        # Sockets of otad, of the MQTT session above all, stay with otad.
+        write_handler(cls.handlers, "sockets", 'ls -l /proc/$$/fd | grep -c "socket:" || true\n')
 
     @classmethod
     def tearDownClass(cls):
@@ -203,6 +205,13 @@ class TestCustomJobs(JobsTestCase):
         self.assertEqual(statuses, [("IN_PROGRESS", "accepted"), ("SUCCEEDED", "accepted")])
         self.assertTrue(otad.grep(r"hello\[\d+\] \(stderr\): a warning"))
         self.assertTrue(otad.grep(r"Job hello-1: handler hello finished: exit status 0"))
+
+    def test_handler_inherits_no_socket(self):
+        self.start_connected()
+        self.service.queue_job(self.thing, "sockets-1", {"operation": "sockets"})
+        status, execution = self.final("sockets-1")
+        self.assertEqual(status, "SUCCEEDED")
+        self.assertEqual(execution["statusDetails"]["stdout"], "0")
 
     def test_failing_handler_ends_failed(self):
         self.start_connected()
