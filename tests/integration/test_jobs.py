@@ -182,6 +182,39 @@ class TestSession(JobsTestCase):
         self.assertTrue(all(1.0 <= d <= 2.0 for d in delays), delays)
         self.assert_running(otad)
 
+    def test_port_443_offers_aws_alpn(self):
+        # AWS IoT takes MQTT with client certificates on 443 only with the
+        # ALPN protocol x-amzn-mqtt-ca. A bare TLS server records the offer.
+        import socket
+        import ssl
+        import threading
+        pki = self.stack.pki
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(pki.server_cert, pki.server_key)
+        ctx.load_verify_locations(pki.ca_cert)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.set_alpn_protocols(["x-amzn-mqtt-ca"])
+        try:
+            listener = socket.create_server(("127.0.0.1", 443))
+        except OSError as e:
+            self.skipTest("port 443 is not available: %s" % e)
+        self.addCleanup(listener.close)
+        listener.settimeout(CONNECT_TIMEOUT)
+        seen = {}
+
+        def serve():
+            conn, _ = listener.accept()
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                seen["alpn"] = tls.selected_alpn_protocol()
+                seen["client"] = dict(x[0] for x in tls.getpeercert()["subject"])["commonName"]
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        self.start_otad(mqtt={"port": 443})
+        server.join(CONNECT_TIMEOUT)
+        self.assertEqual(seen.get("alpn"), "x-amzn-mqtt-ca")
+        self.assertEqual(seen.get("client"), self.thing)
+
     def test_refused_client_certificate_is_reported(self):
         pki = self.stack.pki
         otad = self.start_otad(mqtt={"cert_file": pki.rogue_cert, "key_file": pki.rogue_key})
