@@ -288,6 +288,14 @@ static int send_request(struct stream_download *d, struct request_slot *s, uint6
         return 1;
 }
 
+/* Exponential, reset by the next new block. */
+static void back_off(struct stream_download *d, uint64_t now) {
+        d->backoff = d->backoff ? d->backoff * 2 : BACKOFF_MIN_USEC;
+        if (d->backoff > BACKOFF_MAX_USEC)
+                d->backoff = BACKOFF_MAX_USEC;
+        d->backoff_until = now + d->backoff;
+}
+
 static void fill_window(struct stream_download *d, uint64_t now) {
         unsigned limit = d->silent ? 1 : d->window;
 
@@ -312,8 +320,16 @@ static void fill_window(struct stream_download *d, uint64_t now) {
                         d->offline = true;
                         return;
                 }
-                if (r < 0) {
+                if (r == -EINVAL || r == -EMSGSIZE) {
                         finish(d, r, "failed to send a GetStream request: %s", strerror(-r));
+                        return;
+                }
+                if (r < 0) {
+                        /* Anything else (out of memory, a socket error the
+                         * session is about to notice) may pass: retry later. */
+                        log_job(LOG_NOTICE, d->file.job_id, "download",
+                                "Failed to send a GetStream request: %s, retrying", strerror(-r));
+                        back_off(d, now);
                         return;
                 }
                 if (r == 0)
@@ -650,13 +666,17 @@ static void on_rejected(const char *topic, const uint8_t *payload, size_t len, v
                    strcmp(c, "BlockCountLimitExceeded") == 0 || strcmp(c, "BlockBitmapLimitExceeded") == 0) {
                 /* Transient or a limit: back off, then ask again for what is
                  * missing; the momentum rule bounds how long. */
-                d->backoff = d->backoff ? d->backoff * 2 : BACKOFF_MIN_USEC;
-                if (d->backoff > BACKOFF_MAX_USEC)
-                        d->backoff = BACKOFF_MAX_USEC;
-                d->backoff_until = now_usec() + d->backoff;
+                uint64_t now = now_usec();
+
+                /* Rejections of requests sent before this back-off began
+                 * are the same news: do not double it again for them. */
+                if (now >= d->backoff_until) {
+                        back_off(d, now);
+                        log_job(LOG_NOTICE, d->file.job_id, "download",
+                                "Stream request rejected: %s: %s, retrying in %" PRIu64 " ms", c, rej.message,
+                                d->backoff / 1000);
+                }
                 release_all(d);
-                log_job(LOG_NOTICE, d->file.job_id, "download", "Stream request rejected: %s: %s, retrying in %" PRIu64 " ms",
-                        c, rej.message, d->backoff / 1000);
         } else {
                 /* ResourceNotFound, Unauthorized, VersionMismatch,
                  * ETagMismatch and anything else: asking again cannot help. */

@@ -71,9 +71,23 @@ class StreamFetchBase(unittest.TestCase):
         self.out = os.path.join(self.dir, "file.bin")
         self.state = os.path.join(self.dir, "progress")
         self.max_block = streams_mod.MAX_BLOCK
+        self.select_blocks = streams_mod.select_blocks
 
     def tearDown(self):
         streams_mod.MAX_BLOCK = self.max_block
+        streams_mod.select_blocks = self.select_blocks
+
+    def reject_requests(self, code, message, count):
+        """The stand-in answers the next `count` GetStream requests of this
+        test's thing's stream with a rejection instead of blocks."""
+        real, left = self.select_blocks, [count]
+
+        def select(stream, req):
+            if stream is not None and stream.id.startswith("AFR_OTA-sf-%d" % StreamFetchBase.n) and left[0] > 0:
+                left[0] -= 1
+                raise streams_mod.StreamError(code, message, req.get("c"))
+            return real(stream, req)
+        streams_mod.select_blocks = select
 
     def make_stream(self, size, file_id=0):
         data = secrets.token_bytes(size)
@@ -217,6 +231,29 @@ class StreamFetchTest(StreamFetchBase):
         r = self.fetch(self.argv(stream_id, len(data), file_id=9))
         self.assertNotEqual(r["result"], 0)
         self.assertIn("stream rejected: ResourceNotFound", r["reason"])
+
+    def test_unauthorized_ends_with_reason(self):
+        stream_id, data = self.make_stream(64 * KIB)
+        self.reject_requests("Unauthorized", "Role cannot read the S3 object", 1000)
+        r = self.fetch(self.argv(stream_id, len(data)))
+        self.assertNotEqual(r["result"], 0)
+        self.assertEqual(r["reason"], "stream rejected: Unauthorized: Role cannot read the S3 object")
+        self.assertEqual(r["blocks_received"], 0)
+
+    def test_throttled_backs_off_and_completes(self):
+        stream_id, data = self.make_stream(256 * KIB)
+        self.reject_requests("RequestThrottled", "Rate exceeded", 3)
+        t0 = time.monotonic()
+        r = self.fetch(self.argv(stream_id, len(data)))
+        self.assertEqual(r["result"], 0, r["reason"])
+        self.assert_file(data)
+        self.assertEqual(r["rejections"], 3)
+        # Requests are paced, so each retry meets the next rejection: backed
+        # off 1 + 2 + 4 s instead of hammering the service.
+        elapsed = time.monotonic() - t0
+        self.assertGreater(elapsed, 6.5)
+        self.assertLess(elapsed, 15)
+        self.assertLess(r["requests"], 20, r)
 
     def test_block_size_out_of_bounds_halves(self):
         streams_mod.MAX_BLOCK = 8192
