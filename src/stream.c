@@ -795,6 +795,10 @@ int stream_download_new(struct otad *otad, const char *stream_name, unsigned fil
         d->interval = c->ota.max_requests_per_second > 0 ? USEC_PER_SEC / (uint64_t) c->ota.max_requests_per_second : 0;
         d->timeout = (uint64_t) (c->ota.request_timeout > 0 ? c->ota.request_timeout : 10) * USEC_PER_SEC;
         d->momentum_max = c->ota.momentum > 0 ? (unsigned) c->ota.momentum : 32;
+        /* The first window goes out before any block can arrive: a window
+         * wider than the momentum limit would end every transfer there. */
+        if (d->momentum_max < d->window)
+                d->momentum_max = d->window;
         d->slots = calloc(d->window, sizeof *d->slots);
         if (!d->slots) {
                 r = -ENOMEM;
