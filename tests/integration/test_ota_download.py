@@ -533,6 +533,16 @@ class OtaDownloadTest(unittest.TestCase):
         # otad gave up on the job, not on life: it still runs and takes jobs.
         self.assertTrue(self.otad.running())
 
+    def test_window_wider_than_momentum(self):
+        # Unpaced (a broker other than AWS IoT), a window of 16 requests
+        # goes out before any block can arrive; a momentum limit of 4 must
+        # not count that first window as requests without progress.
+        image = secrets.token_bytes(2 * MIB)
+        self.start_otad(ota={"block_size": 4096, "window": 16, "momentum": 4, "max_requests_per_second": 0})
+        self.queue("AFR_OTA-wide", image, protocols=["MQTT"])
+        self.assertEqual(self.wait_terminal("AFR_OTA-wide"), "SUCCEEDED", self.otad.log()[-3000:])
+        self.assert_landed(image)
+
     def test_unknown_stream_is_rejected(self):
         image = secrets.token_bytes(64 * KIB)
         info = self.queue("AFR_OTA-nostream", image, protocols=["MQTT"])
