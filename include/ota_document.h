@@ -93,7 +93,3 @@ int ota_document_parse(const cJSON *job_document, struct ota_document **ret, cha
                        size_t reason_size);
 void ota_document_free(struct ota_document *doc);
 
-/* Strict standard base64 (RFC 4648 alphabet, '=' padding; CR, LF and space
- * are skipped as the reference agent does). Returns the decoded length, or
- * -EINVAL for malformed text, -ENOBUFS when it does not fit in size. */
-int ota_base64_decode(const char *text, uint8_t *buf, size_t size);

@@ -61,11 +61,5 @@ int verify_file(const struct verify_request *req, struct verify_report *report);
  * "passwd", both looked up in trust_dir only. */
 int verify_cert_name(const char *certfile, char *ret_name, size_t size);
 
-/* RFC 4648 base64 with padding; CR, LF, tab and space are skipped anywhere
- * (like the reference agent's decoder). Rejects other characters, missing or
- * misplaced padding and non-zero trailing bits with -EINVAL. *ret is a new
- * buffer; both outputs untouched on failure. */
-int base64_decode(const char *text, size_t len, uint8_t **ret, size_t *ret_size);
-
 /* SHA-256 of size bytes read through read, as 64 lowercase hex digits. */
 int verify_sha256(uint64_t size, verify_read_fn read, void *userdata, char ret_hex[static 65]);

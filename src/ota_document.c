@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base64.h"
 #include "macro.h"
 #include "ota_document.h"
 
@@ -28,73 +29,6 @@ static int fail(char *reason, size_t reason_size, const char *format, ...) {
 bool ota_document_is_afr_ota(const cJSON *job_document) {
         return cJSON_IsObject(job_document) &&
                cJSON_GetObjectItemCaseSensitive(job_document, "afr_ota") != NULL;
-}
-
-int ota_base64_decode(const char *text, uint8_t *buf, size_t size) {
-        uint32_t acc = 0;
-        size_t n = 0, len = 0, pad = 0;
-
-        for (const char *p = text; *p; p++) {
-                int v;
-
-                if (*p == '\r' || *p == '\n' || *p == ' ')
-                        continue;
-                if (*p == '=') {
-                        pad++;
-                        continue;
-                }
-                if (pad > 0) /* data after padding */
-                        return -EINVAL;
-                if (*p >= 'A' && *p <= 'Z')
-                        v = *p - 'A';
-                else if (*p >= 'a' && *p <= 'z')
-                        v = *p - 'a' + 26;
-                else if (*p >= '0' && *p <= '9')
-                        v = *p - '0' + 52;
-                else if (*p == '+')
-                        v = 62;
-                else if (*p == '/')
-                        v = 63;
-                else
-                        return -EINVAL;
-
-                acc = (acc << 6) | (uint32_t) v;
-                if (++n % 4 == 0) {
-                        if (len + 3 > size)
-                                return -ENOBUFS;
-                        buf[len++] = (uint8_t) (acc >> 16);
-                        buf[len++] = (uint8_t) (acc >> 8);
-                        buf[len++] = (uint8_t) acc;
-                        acc = 0;
-                }
-        }
-
-        /* A partial quantum of 2 or 3 symbols needs exactly 2 or 1 '='; a
-         * whole one none. Unused low bits must be zero (canonical form). */
-        switch (n % 4) {
-        case 0:
-                if (pad != 0)
-                        return -EINVAL;
-                break;
-        case 2:
-                if (pad != 2 || (acc & 0xf))
-                        return -EINVAL;
-                if (len + 1 > size)
-                        return -ENOBUFS;
-                buf[len++] = (uint8_t) (acc >> 4);
-                break;
-        case 3:
-                if (pad != 1 || (acc & 0x3))
-                        return -EINVAL;
-                if (len + 2 > size)
-                        return -ENOBUFS;
-                buf[len++] = (uint8_t) (acc >> 10);
-                buf[len++] = (uint8_t) (acc >> 2);
-                break;
-        default:
-                return -EINVAL;
-        }
-        return (int) len;
 }
 
 /* Digits only, no sign, no spaces: "1024". */
@@ -208,6 +142,8 @@ static int parse_part(struct ota_document_file *f, size_t index, char *reason, s
 static int parse_signature(const cJSON *file, struct ota_document_file *f, size_t index,
                            char *reason, size_t reason_size) {
         const cJSON *chosen = NULL, *item;
+        _cleanup_free_ uint8_t *der = NULL;
+        size_t der_len = 0;
         const char *dash;
         int r;
 
@@ -229,13 +165,16 @@ static int parse_signature(const cJSON *file, struct ota_document_file *f, size_
                 return fail(reason, reason_size, "files[%zu]: signature key \"%.64s\" is not sig-<hash>-<algorithm>",
                             index, chosen->string);
 
-        r = ota_base64_decode(chosen->valuestring, f->signature_der, sizeof f->signature_der);
-        if (r == -ENOBUFS)
+        r = base64_decode(chosen->valuestring, strlen(chosen->valuestring), &der, &der_len);
+        if (r == -ENOMEM)
+                return r;
+        if (r < 0 || der_len == 0)
+                return fail(reason, reason_size, "files[%zu].%s: invalid base64", index, chosen->string);
+        if (der_len > sizeof f->signature_der)
                 return fail(reason, reason_size, "files[%zu].%s: signature longer than %d bytes", index,
                             chosen->string, OTA_DOCUMENT_SIGNATURE_MAX);
-        if (r <= 0)
-                return fail(reason, reason_size, "files[%zu].%s: invalid base64", index, chosen->string);
-        f->signature_len = (size_t) r;
+        memcpy(f->signature_der, der, der_len);
+        f->signature_len = der_len;
 
         f->signature_key = strdup(chosen->string);
         f->signature_hash = strndup(chosen->string + 4, (size_t) (dash - (chosen->string + 4)));

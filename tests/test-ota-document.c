@@ -122,22 +122,6 @@ static int compare_names(const void *a, const void *b) {
         return strcmp(*(char *const *) a, *(char *const *) b);
 }
 
-static void test_base64(void) {
-        uint8_t buf[8];
-
-        tap_is_int(ota_base64_decode("Zg==", buf, sizeof buf), 1, "base64 Zg==");
-        tap_is_int(ota_base64_decode("Zm8=", buf, sizeof buf), 2, "base64 Zm8=");
-        tap_is_int(ota_base64_decode("Zm9v", buf, sizeof buf), 3, "base64 Zm9v");
-        tap_is_int(ota_base64_decode("Zm9v\r\nYmFy", buf, sizeof buf), 6, "base64 skips CR LF");
-        tap_ok(memcmp(buf, "foobar", 6) == 0, "base64 decodes foobar");
-        tap_is_int(ota_base64_decode("Zg===", buf, sizeof buf), -EINVAL, "base64 Zg=== refused");
-        tap_is_int(ota_base64_decode("Zg", buf, sizeof buf), -EINVAL, "base64 missing padding refused");
-        tap_is_int(ota_base64_decode("Zh==", buf, sizeof buf), -EINVAL, "base64 non-canonical refused");
-        tap_is_int(ota_base64_decode("Zg==Zg==", buf, sizeof buf), -EINVAL, "base64 data after padding refused");
-        tap_is_int(ota_base64_decode("Z-==", buf, sizeof buf), -EINVAL, "base64 url alphabet refused");
-        tap_is_int(ota_base64_decode("Zm9vYmFyYmF6", buf, sizeof buf), -ENOBUFS, "base64 too long");
-}
-
 int main(void) {
         const char *root = getenv("OTAD_SOURCE_ROOT");
         _cleanup_free_ char *dir = NULL;
@@ -172,6 +156,5 @@ int main(void) {
         }
         free(names);
 
-        test_base64();
         return tap_done();
 }

@@ -11,6 +11,7 @@
 #include "fileio.h"
 #include "macro.h"
 #include "tap.h"
+#include "base64.h"
 #include "verify.h"
 
 static char dir[] = "/tmp/test-verify.XXXXXX";

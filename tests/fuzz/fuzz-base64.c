@@ -12,7 +12,7 @@
 
 #include <openssl/evp.h>
 
-#include "verify.h"
+#include "base64.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
