@@ -9,6 +9,8 @@ Run: /usr/bin/python3 tests/standin/tap.py tests/integration/test_jobs.py
 
 import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -182,6 +184,18 @@ class TestSession(JobsTestCase):
         self.assertTrue(all(1.0 <= d <= 2.0 for d in delays), delays)
         self.assert_running(otad)
 
+    def test_connack_refusals_are_explained(self):
+        # AWS says 7 where MQTT 3.1.1 says 5 for "not authorized".
+        for rc, text in ((5, r"CONNACK 5, not authorized"), (7, r"CONNACK 7, not authorized by AWS IoT")):
+            with MinimalBroker(self.stack.pki, connack=rc) as broker:
+                otad = self.start_otad(mqtt={"port": broker.port})
+                wait_until(lambda: len(otad.grep(r"Connection to localhost:%d failed: broker refused the connection: %s"
+                                                 % (broker.port, text))) >= 2,
+                           CONNECT_TIMEOUT, "two refused attempts with rc %d" % rc)
+                self.assertFalse(otad.grep(r"Connected to"))
+                self.assert_running(otad)
+                otad.stop()
+
     def test_port_443_offers_aws_alpn(self):
         # AWS IoT takes MQTT with client certificates on 443 only with the
         # ALPN protocol x-amzn-mqtt-ca. A bare TLS server records the offer.
@@ -221,6 +235,139 @@ class TestSession(JobsTestCase):
         otad.wait_for_log(r"Connection to localhost:\d+ failed: .*refuse.*rogue\.crt", CONNECT_TIMEOUT)
         self.assertFalse(otad.grep(r"Connected to"))
         self.assert_running(otad)
+
+
+class MinimalBroker:
+    """Just enough MQTT 3.1.1 over mutual TLS to answer what mosquitto
+    never says: a CONNACK refusal (AWS's rc 7 among them) and SUBACK 0x80."""
+
+    def __init__(self, pki, connack=0, refuse=None):
+        import socket
+        import ssl
+        import threading
+        self.connack = connack
+        self.refuse = refuse
+        self.connects = 0
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(pki.server_cert, pki.server_key)
+        self.ctx.load_verify_locations(pki.ca_cert)
+        self.ctx.verify_mode = ssl.CERT_REQUIRED
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join(5)
+        self.listener.close()
+
+    def _serve(self):
+        import socket
+        while self.running:
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            try:
+                conn.settimeout(5)
+                with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                    self._session(tls)
+            except OSError:
+                pass
+
+    @staticmethod
+    def _read_packet(tls):
+        def read(n):
+            data = b""
+            while len(data) < n:
+                chunk = tls.recv(n - len(data))
+                if not chunk:
+                    raise OSError("closed")
+                data += chunk
+            return data
+        kind = read(1)[0]
+        length, shift = 0, 0
+        while True:
+            b = read(1)[0]
+            length |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        return kind, read(length)
+
+    def _session(self, tls):
+        while self.running:
+            kind, body = self._read_packet(tls)
+            if kind == 0x10:                              # CONNECT
+                self.connects += 1
+                tls.sendall(bytes([0x20, 2, 0, self.connack]))
+                if self.connack:
+                    return
+            elif kind == 0x82:                            # SUBSCRIBE
+                mid, pos, codes = body[:2], 2, []
+                while pos < len(body):
+                    n = int.from_bytes(body[pos:pos + 2], "big")
+                    topic = body[pos + 2:pos + 2 + n].decode()
+                    qos = body[pos + 2 + n]
+                    pos += 3 + n
+                    codes.append(0x80 if self.refuse and self.refuse in topic else qos)
+                tls.sendall(bytes([0x90, 2 + len(codes)]) + mid + bytes(codes))
+            elif kind == 0xC0:                            # PINGREQ
+                tls.sendall(bytes([0xD0, 0]))
+            elif kind & 0xF0 == 0x30 and kind & 0x06:     # PUBLISH QoS 1
+                n = int.from_bytes(body[:2], "big")
+                tls.sendall(bytes([0x40, 2]) + body[2 + n:4 + n])
+            elif kind == 0xE0:                            # DISCONNECT
+                return
+
+
+def probe_binary():
+    build = os.environ.get("OTAD_BUILD_ROOT") or os.path.dirname(os.path.dirname(harness.otad_binary()))
+    return os.path.join(build, "tests", "integration", "mqtt-probe")
+
+
+class TestSubscriptions(JobsTestCase):
+    """mqtt.c alone through tests/integration/mqtt-probe: SUBACK codes and
+    AWS's 8 filters per SUBSCRIBE."""
+
+    def probe(self, filters, port=None):
+        binary = probe_binary()
+        if not os.path.exists(binary):
+            self.skipTest("%s not built" % binary)
+        mqtt = dict(FAST_RECONNECT, **({"port": port} if port else {}))
+        config = self.stack.write_otad_config(self.thing, {"mqtt": mqtt})
+        proc = subprocess.run([binary, config] + filters, capture_output=True, text=True, timeout=30)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    def test_refused_filter_is_reported(self):
+        # mosquitto 2.0 grants every SUBSCRIBE (its ACL file does not check
+        # subscriptions); a minimal broker answers 0x80 like AWS does for a
+        # filter its policy refuses.
+        with MinimalBroker(self.stack.pki, refuse="shadow") as broker:
+            code, out, err = self.probe(["jobs/notify-next", "shadow/update/accepted"], port=broker.port)
+        self.assertEqual(code, 0, err)
+        self.assertIn("suback jobs/notify-next granted", out)
+        self.assertIn("suback shadow/update/accepted refused", out)
+        self.assertRegex(err, r"refused the subscription to \$aws/things/%s/shadow/update/accepted \(SUBACK 0x80\)"
+                         % self.thing)
+
+    def test_at_most_8_filters_per_subscribe(self):
+        filters = ["streams/s%d/data/cbor" % i for i in range(11)]
+        code, out, err = self.probe(filters)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(sorted(l for l in out.splitlines() if l.startswith("suback")),
+                         sorted("suback %s granted" % f for f in filters))
+        # libmosquitto logs every filter with the packet id of its SUBSCRIBE.
+        mids = {}
+        for m in re.finditer(r"sending SUBSCRIBE \(Mid: (\d+), Topic: ([^,]+),", err):
+            mids.setdefault(m.group(1), []).append(m.group(2))
+        self.assertEqual(sorted(len(v) for v in mids.values()), [3, 8], mids)
 
 
 class TestCustomJobs(JobsTestCase):
