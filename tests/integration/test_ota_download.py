@@ -494,12 +494,22 @@ class OtaDownloadTest(unittest.TestCase):
     def test_filesize_larger_than_stream_file(self):
         image = secrets.token_bytes(200 * KIB + 100)
         self.start_otad(ota={"request_timeout": 1, "momentum": 4})
-        self.queue("AFR_OTA-big", None, files=[{"data": image, "filesize": len(image) + 4096}],
+        # Two blocks more than the stream file has: asking for them is
+        # refused by the service (InvalidRequest, "out of the range of data
+        # available", §3.4), which no retry can change.
+        self.queue("AFR_OTA-big", None, files=[{"data": image, "filesize": len(image) + 64 * KIB}],
                    protocols=["MQTT"])
-        # The stand-in refuses requests for blocks beyond its end
-        # (InvalidRequest, §3.4) and otad keeps asking until its momentum
-        # limit ends the transfer.
-        self.assert_failed("AFR_OTA-big", "aborted: 0x0000000e", r"files\[0\]: no new block")
+        self.assert_failed("AFR_OTA-big", "aborted: 0x00000008", r"files\[0\]: stream rejected: InvalidRequest")
+
+    def test_filesize_larger_within_the_last_block(self):
+        image = secrets.token_bytes(200 * KIB + 100)
+        self.start_otad(ota={"request_timeout": 1, "momentum": 4})
+        # The same block count, but the last block never has the promised
+        # size: dropped each time until the momentum limit ends it.
+        self.queue("AFR_OTA-big2", None, files=[{"data": image, "filesize": len(image) + 4096}],
+                   protocols=["MQTT"])
+        self.assert_failed("AFR_OTA-big2", "aborted: 0x0000000e", r"files\[0\]: no new block")
+        self.assertTrue(self.otad.grep(r"wrong size for this block"))
 
     def test_filesize_smaller_than_stream_file(self):
         image = secrets.token_bytes(200 * KIB + 100)
@@ -510,6 +520,14 @@ class OtaDownloadTest(unittest.TestCase):
         # each time until the momentum limit ends the transfer.
         self.assert_failed("AFR_OTA-small", "aborted: 0x0000000e", r"no new block")
         self.assertTrue(self.otad.grep(r"wrong size for this block"))
+
+    def test_filesize_smaller_than_https_object(self):
+        image = secrets.token_bytes(200 * KIB + 100)
+        self.start_otad(ota={"http_retries": 1})
+        self.queue("AFR_OTA-hsmall", None, files=[{"data": image, "filesize": len(image) - 1000}],
+                   protocols=["HTTP"])
+        # More bytes than filesize are never written past it.
+        self.assert_failed("AFR_OTA-hsmall", "aborted: 0x00000008", r"files\[0\]: .*filesize")
 
     def test_some_bad_blocks_are_dropped_and_fetched_again(self):
         image = secrets.token_bytes(2 * MIB + 333)
