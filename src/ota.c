@@ -181,6 +181,9 @@ void ota_forget_job(struct ota *ota) {
         ota->needs_reboot = false;
         ota->activate_index = 0;
         ota->file_done = 0;
+        ota->active_reported = false;
+        ota->terminal_sent = false;
+        ota->reboot_requested = false;
         memset(&ota->state, 0, sizeof(ota->state));
         otad_set_status(ota->otad, "idle, waiting for jobs");
 }

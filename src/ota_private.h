@@ -84,9 +84,8 @@ struct ota {
         pid_t child;                   /* health check or reboot command */
         sd_event_source *child_source;
         bool reboot_requested;
-        bool active_reported;          /* "self_test":"active" accepted */
-        bool terminal_sent;
-        uint64_t decided_usec;
+        bool active_reported;          /* "self_test":"active" sent */
+        bool terminal_sent;            /* the final status is on its way */
 };
 
 /* ota.c, for update.c */

@@ -91,7 +91,10 @@ static int on_report_wait_over(sd_event_source *s, uint64_t usec, void *userdata
 static void on_terminal_done(int result, void *userdata) {
         struct ota *ota = userdata;
 
-        stop_timer(ota);
+        /* The report-wait timer is moot now, unless it already started the
+         * reboot (whose delay or marker timer it then is). */
+        if (!ota->reboot_requested)
+                stop_timer(ota);
         if (result < 0)
                 log_job(LOG_WARNING, ota->state.job_id, "report", "The service did not take the final status: %s",
                         strerror(-result));

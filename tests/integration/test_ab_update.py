@@ -150,6 +150,20 @@ class GrubUpdate(ABCase):
         self.assertEqual((slots["B"]["state"], slots["B"]["version"], slots["A"]["version"]), ("good", "2.0.0", "1.0.0"))
         self.assertEqual(self.reboot_count(), 1, "a committed update does not reboot again")
 
+    def test_second_update_goes_back_to_slot_a(self):
+        self.download_and_activate("AFR_OTA-first")
+        self.start("B", "2.0.0")
+        self.assertEqual(self.svc.wait_terminal(THING, "AFR_OTA-first", timeout=60), "SUCCEEDED")
+        # The same otad, still running on B, takes the next job into A.
+        self.queue("AFR_OTA-second")
+        self.assertTrue(wait_for(lambda: self.reboot_count() == 2, 60), self.otad.log()[-3000:])
+        self.assertEqual(self.slot_bytes("a"), self.image)
+        self.assertEqual(grubenv(self.env)["ORDER"], "A B")
+        self.start("A", "3.0.0")
+        self.assertEqual(self.svc.wait_terminal(THING, "AFR_OTA-second", timeout=60), "SUCCEEDED")
+        self.assertEqual(self.details("AFR_OTA-second")[-1][1]["updatedBy"], "  v2.0.0")
+        self.assertEqual(self.reboot_count(), 2)
+
     def test_failed_health_check_rolls_back(self):
         job = "AFR_OTA-unhealthy"
         self.download_and_activate(job)
