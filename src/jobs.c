@@ -75,6 +75,11 @@ struct jobs {
         unsigned n_finished;
         char next_get_token[CLIENT_TOKEN_MAX + 1];
         unsigned next_get_attempts;
+        /* notify-next messages seen, and how many when the current $next/get
+         * question was asked: an answer that crossed a newer notify-next
+         * on the way may describe an older queue (AWS does not order them). */
+        unsigned notify_seq;
+        unsigned next_get_notify_seq;
         sd_event_source *next_get_timer;
         unsigned token_counter;
 };
@@ -540,6 +545,7 @@ static int next_get_send(struct jobs *jobs) {
 
 /* A new question: the queue may have changed since any earlier one. */
 static int next_get_request(struct jobs *jobs) {
+        jobs->next_get_notify_seq = jobs->notify_seq;
         jobs->next_get_token[0] = '\0';
         jobs->next_get_attempts = 0;
         return next_get_send(jobs);
@@ -793,8 +799,19 @@ static void on_notify_next(const char *topic, const uint8_t *payload, size_t len
 
         if (!j)
                 return;
+        jobs->notify_seq++;
         on_next_execution(jobs, j, "notify-next");
         cJSON_Delete(j);
+}
+
+static bool answer_names_current(const struct jobs *jobs, const cJSON *answer) {
+        const cJSON *execution = cJSON_GetObjectItemCaseSensitive(answer, "execution");
+        const cJSON *id = cJSON_GetObjectItemCaseSensitive(execution, "jobId");
+        int64_t number = 0;
+
+        return jobs->current && cJSON_IsString(id) && strcmp(id->valuestring, jobs->current->job.id) == 0 &&
+               execution_int(execution, "executionNumber", &number) == 0 &&
+               number == jobs->current->job.execution_number;
 }
 
 /* jobs/<id>/get/accepted|rejected: answers to $next/get (and describes). */
@@ -821,7 +838,12 @@ static void on_get_reply(const char *topic, const uint8_t *payload, size_t len, 
         }
         jobs->next_get_token[0] = '\0';
         jobs->next_get_timer = sd_event_source_disable_unref(jobs->next_get_timer);
-        if (accepted) {
+        if (accepted && jobs->notify_seq != jobs->next_get_notify_seq && !answer_names_current(jobs, j)) {
+                /* A notify-next came after we asked: it is at least as new
+                 * as this answer, which would only undo it. */
+                log_debug("Ignoring a $next/get answer that a newer notify-next overtook");
+                jobs->next_get_attempts = 0;
+        } else if (accepted) {
                 jobs->next_get_attempts = 0;
                 on_next_execution(jobs, j, "$next/get");
         } else {
