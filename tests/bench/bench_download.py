@@ -28,6 +28,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -56,7 +57,10 @@ def mib_s(nbytes, seconds):
 class Bench:
     def __init__(self, args):
         self.args = args
-        self.stack = harness.Stack(things=[])
+        # A work dir of our own name: a sweep of the harness's default
+        # /tmp/otad-standin-* by someone else must not pull it away mid-run.
+        self.workdir = tempfile.mkdtemp(prefix="otad-bench-")
+        self.stack = harness.Stack(things=[], workdir=self.workdir)
         self.rows = []
         self.n = 0
 
@@ -69,7 +73,13 @@ class Bench:
         return self
 
     def __exit__(self, *exc):
-        self.stack.__exit__(*exc)
+        try:
+            self.stack.__exit__(*exc)
+        finally:
+            if os.environ.get("OTAD_KEEP_TMP") == "1":
+                sys.stderr.write("OTAD_KEEP_TMP=1: kept %s\n" % self.workdir)
+            else:
+                shutil.rmtree(self.workdir, ignore_errors=True)
         return False
 
     def new_thing(self, label):

@@ -20,6 +20,7 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -186,7 +187,10 @@ class OtaDownloadTest(unittest.TestCase):
     def setUpClass(cls):
         if not os.access(harness.otad_binary(), os.X_OK):
             raise unittest.SkipTest("%s not built" % harness.otad_binary())
-        cls.stack = harness.Stack(things=[])
+        # A work dir of our own name: a sweep of the harness's default
+        # /tmp/otad-standin-* by someone else must not pull it away mid-run.
+        cls.workdir = tempfile.mkdtemp(prefix="otad-e2e-")
+        cls.stack = harness.Stack(things=[], workdir=cls.workdir)
         cls.stack.__enter__()
         cls.service = cls.stack.service
         cls.trust = os.path.join(cls.stack.workdir, "trust")
@@ -198,7 +202,13 @@ class OtaDownloadTest(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        cls.stack.__exit__(None, None, None)
+        try:
+            cls.stack.__exit__(None, None, None)
+        finally:
+            if os.environ.get("OTAD_KEEP_TMP") == "1":
+                sys.stderr.write("OTAD_KEEP_TMP=1: kept %s\n" % cls.workdir)
+            else:
+                shutil.rmtree(cls.workdir, ignore_errors=True)
 
     def setUp(self):
         OtaDownloadTest.n += 1
