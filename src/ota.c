@@ -721,6 +721,21 @@ static int open_installers(struct ota *ota) {
         return 0;
 }
 
+/* Another job's activated update is not decided yet (its job was cancelled
+ * during the reboot, or the service offers another one first): the new job
+ * waits for that decision. A decided one is retired: the service moved on,
+ * nobody asks for its result any more. */
+static bool other_update_pending(struct ota *ota, const char *job_id) {
+        if (!ota->state.job_id[0] || strcmp(ota->state.job_id, job_id) == 0 || ota->state.stage < UPDATE_ACTIVATED)
+                return false;
+        if (!update_stage_is_terminal(ota->state.stage))
+                return true;
+        if (ota->state.stage == UPDATE_ROLLED_BACK && ota->state.reboot_requested)
+                return true; /* back to the old slot first */
+        update_retire(ota);
+        return false;
+}
+
 static int ota_start(const struct job *job, char *reason, size_t reason_size, void *userdata) {
         struct ota *ota = userdata;
         struct update_state saved = { 0 };
@@ -738,6 +753,13 @@ static int ota_start(const struct job *job, char *reason, size_t reason_size, vo
                 }
                 ota->job_present = true;
                 update_job_delivered(ota);
+                return 0;
+        }
+
+        if (other_update_pending(ota, job->id)) {
+                log_job(LOG_NOTICE, job->id, "download", "Job %s waits until the update of job %s is decided", job->id,
+                        ota->state.job_id);
+                ota->job_waiting = true;
                 return 0;
         }
 
@@ -819,6 +841,12 @@ static void ota_refresh(const struct job *job, void *userdata) {
         struct ota_document *doc = NULL;
         char reason[256];
 
+        if (!ota->job_id && !ota->job_waiting) {
+                /* The job that waited for another update's decision, asked
+                 * for again once that was decided. */
+                ota_start(job, reason, sizeof(reason), ota);
+                return;
+        }
         if (!ota->job_id || strcmp(ota->job_id, job->id) != 0 || !ota->doc)
                 return;
         if (ota->state.stage >= UPDATE_ACTIVATED) {

@@ -86,6 +86,7 @@ struct ota {
         bool reboot_requested;
         bool active_reported;          /* "self_test":"active" sent */
         bool terminal_sent;            /* the final status is on its way */
+        bool job_waiting;              /* a new job waits for this update's decision */
 };
 
 /* ota.c, for update.c */
@@ -107,3 +108,6 @@ void update_job_delivered(struct ota *ota);
 void update_finish(struct ota *ota, enum update_stage stage, const char *result, const char *reason,
                    const char *detail);
 void update_stop(struct ota *ota);
+/* Keeps the decided update as the last result and forgets it; a job that
+ * waited for the decision is then asked for again. */
+void update_retire(struct ota *ota);

@@ -67,14 +67,17 @@ static int arm_timer(struct ota *ota, uint64_t usec, sd_event_time_handler_t fn)
         return sd_event_add_time_relative(ota->otad->event, &ota->timer, CLOCK_MONOTONIC, usec, 0, fn, ota);
 }
 
-/* The job has ended here: keep its record as the last result for `otad
- * status` and forget it. */
-static void retire(struct ota *ota) {
+void update_retire(struct ota *ota) {
+        bool waiting = ota->job_waiting;
+
         update_state_save(state_dir(ota), UPDATE_LAST_FILE, &ota->state);
         update_state_remove(state_dir(ota), UPDATE_STATE_FILE);
         log_full(LOG_INFO, 0, &(const struct log_fields){ .message_id = OTAD_MID_JOB_FINISHED, .job_id = ota->state.job_id },
                  "Job %s ended %s (%s)", ota->state.job_id, ota->state.result, ota->state.reason);
         ota_forget_job(ota);
+        ota->job_waiting = false;
+        if (waiting)
+                jobs_request_refresh(ota->otad->jobs);
 }
 
 static void start_reboot(struct ota *ota, const char *why);
@@ -107,7 +110,7 @@ static void on_terminal_done(int result, void *userdata) {
                         start_reboot(ota, "roll back to the previous slot");
                 return;
         }
-        retire(ota);
+        update_retire(ota);
 }
 
 static void send_terminal(struct ota *ota) {
@@ -158,10 +161,10 @@ void update_finish(struct ota *ota, enum update_stage stage, const char *result,
         if (ota->job_present) {
                 ota->terminal_sent = true;
                 send_terminal(ota);
-        } else if (ota->job_id)
-                retire(ota); /* cancelled while we decided: nobody to tell */
+        } else if ((ota->job_id || ota->job_waiting) && !(stage == UPDATE_ROLLED_BACK && ota->state.reboot_requested))
+                update_retire(ota); /* cancelled, or another job is next: nobody asks for this result */
         /* else: decided after a reboot before the service delivered the job
-         * again; update_job_delivered() reports it. */
+         * again (update_job_delivered() reports it), or rolling back first. */
 }
 
 /* reboot */
@@ -528,7 +531,7 @@ void update_resume(struct ota *ota) {
                 }
                 ota->state.reboot_requested = false;
                 if (saved.reported) {
-                        retire(ota); /* e.g. back on the old slot after a reported rollback */
+                        update_retire(ota); /* e.g. back on the old slot after a reported rollback */
                         mark_booted_good(ota);
                 }
                 return;

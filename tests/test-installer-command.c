@@ -170,9 +170,15 @@ int main(void) {
         installer_free(in);
         in = NULL;
 
-        /* freeing during a long run stops the program */
+        /* freeing during a long run stops the program (a script: "sleep 30"
+         * itself would get the image path as a third argument and exit at
+         * once, sometimes within the 50 ms below) */
         free(c->targets[1].command);
-        c->targets[1].command = strdup("sleep 30");
+        c->targets[1].command = xprintf("%s/long.sh", dir);
+        line = xprintf("#!/bin/sh\nexec sleep 30\n");
+        write_bytes(c->targets[1].command, line, strlen(line));
+        chmod(c->targets[1].command, 0755);
+        free(line);
         res = (struct result){ 0 };
         tap_is_int(installer_new(&o, &c->targets[1], "job-long", &in), 0, "installer_new for a long command");
         installer_set_activate_done(in, on_done, &res);

@@ -164,6 +164,20 @@ class GrubUpdate(ABCase):
         self.assertEqual(self.details("AFR_OTA-second")[-1][1]["updatedBy"], "  v2.0.0")
         self.assertEqual(self.reboot_count(), 2)
 
+    def test_job_cancelled_during_reboot_lets_the_next_job_wait_for_the_decision(self):
+        self.download_and_activate("AFR_OTA-cancelled")
+        self.svc.cancel_job(THING, "AFR_OTA-cancelled")
+        self.queue("AFR_OTA-next")
+        # Booted B: the self-test of the cancelled job's update still decides
+        # (the health check takes 2 s) while the next job is offered.
+        otad = self.start("B", "2.0.0", health_check="sleep 2")
+        self.assertTrue(wait_for(lambda: self.reboot_count() == 2, 60), otad.log()[-3000:])
+        self.assertTrue(otad.grep("Job AFR_OTA-next waits until the update of job AFR_OTA-cancelled is decided"))
+        self.assertEqual(grubenv(self.env)["B_OK"], "1", "the cancelled job's update was committed locally")
+        self.assertEqual(self.slot_bytes("a"), self.image, "the next job went to slot A")
+        self.assertEqual(self.svc.job_status(THING, "AFR_OTA-cancelled"), "CANCELED")
+        self.assertIn(("IN_PROGRESS", {"self_test": "ready", "updatedBy": "0x02000000"}), self.details("AFR_OTA-next"))
+
     def test_failed_health_check_rolls_back(self):
         job = "AFR_OTA-unhealthy"
         self.download_and_activate(job)
