@@ -936,6 +936,8 @@ fail:
 void ota_free(struct ota *ota) {
         if (!ota)
                 return;
+        if (ota->otad->jobs)
+                jobs_unregister_handler(ota->otad->jobs, ota->handler.name);
         update_stop(ota);
         stop_transfer(ota);
         free_images(ota, false);
