@@ -86,7 +86,9 @@ struct ota_document {
 bool ota_document_is_afr_ota(const cJSON *job_document);
 
 /* Parses job_document (the execution's "jobDocument" object). On failure
- * returns -EINVAL (or -ENOMEM), writes a short reason such as
+ * returns -EPROTONOSUPPORT when no listed protocol can be served (neither
+ * MQTT nor HTTP, MQTT without a streamname, HTTP without URLs), -EINVAL for
+ * anything else malformed (or -ENOMEM), writes a short reason such as
  * "files[0].filesize: not a positive integer" into reason (for the journal
  * and statusDetails) and leaves *ret untouched. Logs nothing. */
 int ota_document_parse(const cJSON *job_document, struct ota_document **ret, char *reason,

@@ -773,6 +773,11 @@ static int ota_start(const struct job *job, char *reason, size_t reason_size, vo
         snprintf(ota->state.old_version, sizeof(ota->state.old_version), "%s", ota->running_version);
 
         r = ota_document_parse(job->document, &ota->doc, parse_reason, sizeof(parse_reason));
+        if (r == -EPROTONOSUPPORT) {
+                ota_format_reason(reason, reason_size, "aborted", OTA_ERR_INVALID_DATA_PROTOCOL, 0);
+                ota_fail(ota, reason, "job document: %s", parse_reason);
+                return 0;
+        }
         if (r < 0) {
                 ota_format_reason(reason, reason_size, NULL, OTA_ERR_JOB_PARSER, OTA_JOB_PARSE_NON_CONFORMING);
                 ota_fail(ota, reason, "job document: %s", parse_reason);

@@ -309,8 +309,10 @@ static int parse_protocols(const cJSON *afr, struct ota_document *doc, char *rea
                 else if (strcmp(p->valuestring, "HTTP") == 0)
                         doc->protocols |= OTA_DOCUMENT_HTTP;
         }
-        if (doc->protocols == 0)
-                return fail(reason, reason_size, "protocols: neither MQTT nor HTTP");
+        if (doc->protocols == 0) {
+                fail(reason, reason_size, "protocols: neither MQTT nor HTTP");
+                return -EPROTONOSUPPORT;
+        }
         return 0;
 }
 
@@ -318,16 +320,20 @@ static int parse_protocols(const cJSON *afr, struct ota_document *doc, char *rea
  * without URL) is dropped when the other one can; alone it is an error. */
 static int check_transport(struct ota_document *doc, char *reason, size_t reason_size) {
         if ((doc->protocols & OTA_DOCUMENT_MQTT) && !doc->stream_name) {
-                if (!(doc->protocols & OTA_DOCUMENT_HTTP))
-                        return fail(reason, reason_size, "streamname: missing for MQTT");
+                if (!(doc->protocols & OTA_DOCUMENT_HTTP)) {
+                        fail(reason, reason_size, "streamname: missing for MQTT");
+                        return -EPROTONOSUPPORT;
+                }
                 doc->protocols &= ~(unsigned) OTA_DOCUMENT_MQTT;
         }
         if (doc->protocols & OTA_DOCUMENT_HTTP)
                 for (size_t i = 0; i < doc->n_files; i++) {
                         if (doc->files[i].update_data_url)
                                 continue;
-                        if (!(doc->protocols & OTA_DOCUMENT_MQTT))
-                                return fail(reason, reason_size, "files[%zu].update_data_url: missing for HTTP", i);
+                        if (!(doc->protocols & OTA_DOCUMENT_MQTT)) {
+                                fail(reason, reason_size, "files[%zu].update_data_url: missing for HTTP", i);
+                                return -EPROTONOSUPPORT;
+                        }
                         doc->protocols &= ~(unsigned) OTA_DOCUMENT_HTTP;
                         break;
                 }
