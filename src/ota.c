@@ -174,8 +174,6 @@ void ota_forget_job(struct ota *ota) {
         ota->doc = NULL;
         free(ota->job_id);
         ota->job_id = NULL;
-        free(ota->url);
-        ota->url = NULL;
         ota->job_present = false;
         ota->activating = false;
         ota->needs_reboot = false;
@@ -268,6 +266,13 @@ static int plan_images(struct ota *ota, char *detail, size_t size) {
                                  f->image, f->file_type);
                         return -ENOENT;
                 }
+                /* A target holds one image: two would overwrite each other. */
+                for (size_t k = 0; k < ota->n_images; k++)
+                        if (ota->images[k].target == img->target) {
+                                snprintf(detail, size, "files[%u] and files[%u] both go to [target.%s], which takes one image per job",
+                                         ota->images[k].first, i, img->target->name);
+                                return -EEXIST;
+                        }
                 img->first = i;
                 img->count = n;
                 img->size = f->is_part ? f->image_size : f->filesize;
@@ -948,7 +953,6 @@ void ota_free(struct ota *ota) {
         free_images(ota, false);
         ota_document_free(ota->doc);
         free(ota->job_id);
-        free(ota->url);
         sd_event_source_unref(ota->kick);
         bootloader_free(ota->bootloader);
         free(ota->running_version);

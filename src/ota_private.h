@@ -62,7 +62,6 @@ struct ota {
         struct ota_image images[OTA_DOCUMENT_MAX_FILES];
         size_t n_images;
         enum ota_protocol protocol;
-        char *url;                     /* current presigned URL of the file in flight */
 
         /* The transfer of files[state.file_index]. */
         struct stream_download *stream;

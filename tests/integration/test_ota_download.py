@@ -599,6 +599,27 @@ class OtaDownloadTest(unittest.TestCase):
         self.start_otad()
         self.assert_failed("AFR_OTA-xyz2", "aborted: 0x0000000d", r"protocol")
 
+    def test_files_are_routed_by_filepath_to_their_targets(self):
+        config, payload = secrets.token_bytes(20 * KIB), secrets.token_bytes(300 * KIB)
+        other = os.path.join(self.stack.workdir, self.thing + "-config")
+        os.makedirs(other)
+        self.start_otad(sections={
+            "target.app": {"type": "file", "directory": self.out, "match_filepath": "app-*.bin"},
+            "target.config": {"type": "file", "directory": other, "match_filepath": "*.json"},
+        })
+        self.queue("AFR_OTA-two", None, files=[{"data": payload, "filepath": "app-2.0.bin", "fileid": 0},
+                                               {"data": config, "filepath": "settings.json", "fileid": 1}])
+        self.assertEqual(self.wait_terminal("AFR_OTA-two"), "SUCCEEDED", self.otad.log()[-3000:])
+        self.assertEqual(open(os.path.join(self.out, "app"), "rb").read(), payload)
+        self.assertEqual(open(os.path.join(other, "config"), "rb").read(), config)
+        # Two files for one target would overwrite each other: refused.
+        self.queue("AFR_OTA-clash", None, files=[{"data": payload, "filepath": "app-2.0.bin", "fileid": 0},
+                                                 {"data": config, "filepath": "app-2.1.bin", "fileid": 1}])
+        self.assertEqual(self.wait_terminal("AFR_OTA-clash"), "FAILED")
+        details = self.final_details("AFR_OTA-clash")
+        self.assertEqual(details["reason"], "0x000000e4: 0x00000011")
+        self.assertIn("both go to [target.app]", details["detail"])
+
     # ---- 4. kill -9 and resume ------------------------------------------
 
     def test_kill9_three_times_during_50mib_mqtt(self):
