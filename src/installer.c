@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "config.h"
 #include "installers/backends.h"
@@ -77,6 +78,15 @@ int installer_fail(struct installer *in, int error, const char *format, ...) {
         log_full(LOG_ERR, 0, &(const struct log_fields){ .job_id = in->job_id, .stage = "install" },
                  "[target.%s]: %s", in->target->name, reason ? reason : format);
         return error < 0 ? error : -error;
+}
+
+void installer_remove_private_file(const struct installer *in, const char *dir, const char *suffix) {
+        _cleanup_free_ char *name = NULL, *path = NULL;
+
+        if (installer_private_name(in, suffix, &name) < 0 || asprintf(&path, "%s/%s", dir, name) < 0)
+                return;
+        if (unlink(path) >= 0)
+                log_job(LOG_DEBUG, in->job_id, "install", "[target.%s]: removed %s", in->target->name, path);
 }
 
 int installer_private_name(const struct installer *in, const char *suffix, char **ret) {

@@ -17,6 +17,10 @@ extern const struct installer_ops installer_command_ops;
  * job id comes from the network (AWS allows [a-zA-Z0-9_-]); it must never
  * be able to name another directory. */
 int installer_private_name(const struct installer *in, const char *suffix, char **ret);
+/* Unlinks dir/<installer_private_name(suffix)>: abort() of an installer that
+ * was not begun in this run (a job discarded after a restart) still removes
+ * what an earlier run left. */
+void installer_remove_private_file(const struct installer *in, const char *dir, const char *suffix);
 
 /* A file written at offsets as blocks arrive: the file backend's partial
  * file and the command backend's staged image. */

@@ -451,8 +451,10 @@ static void command_free(struct installer *in) {
 static void command_abort(struct installer *in) {
         struct command_installer *d = command_data(in);
 
-        if (!d)
+        if (!d) {
+                installer_remove_private_file(in, in->otad->config->state.directory, "otad-image");
                 return;
+        }
         stop_child(d);
         partial_file_remove(&d->staged);
 }

@@ -185,6 +185,8 @@ static void file_abort(struct installer *in) {
 
         if (d)
                 partial_file_remove(&d->partial);
+        else if (in->target->directory && *in->target->directory)
+                installer_remove_private_file(in, in->target->directory, "otad-partial");
 }
 
 static void file_free(struct installer *in) {

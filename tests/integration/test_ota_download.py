@@ -622,6 +622,23 @@ class OtaDownloadTest(unittest.TestCase):
 
     # ---- 4. kill -9 and resume ------------------------------------------
 
+    def test_another_job_after_a_restart_discards_the_partial_file(self):
+        image = secrets.token_bytes(8 * MIB)
+        self.start_otad(ota={"block_size": 32768})
+        self.queue("AFR_OTA-old", image, protocols=["MQTT"])
+        fired = threading.Event()
+        self.kill_when_served(2 * MIB, fired)
+        self.assertTrue(fired.wait(60), "kill point not reached")
+        self.assertEqual(self.otad.wait_exit(10), -signal.SIGKILL)
+        self.assertTrue([n for n in os.listdir(self.out) if n.endswith(".otad-partial")], "a partial file to discard")
+        self.service.cancel_job(self.thing, "AFR_OTA-old")
+        new = secrets.token_bytes(64 * KIB)
+        self.queue("AFR_OTA-new", new, protocols=["MQTT"])
+        self.restart_otad()
+        self.assertEqual(self.wait_terminal("AFR_OTA-new"), "SUCCEEDED")
+        self.assert_landed(new)  # and nothing of the old job left beside it
+        self.assertTrue(self.otad.grep("Discarding the progress of job AFR_OTA-old"))
+
     def test_kill9_three_times_during_50mib_mqtt(self):
         # A stream file holds at most 24 MB at AWS; one long transfer is
         # what this test needs (multi-part images have their own test).
