@@ -123,24 +123,6 @@ class JobsTestCase(unittest.TestCase):
         # around that check to see what otad does if one arrives anyway.
         self.service._send_all(self.thing, self.service.jobs.queue(self.thing, job_id, document))
 
-    def restart_broker(self, down_seconds):
-        try:
-            self.service.restart_broker(down_seconds)
-        except RuntimeError:
-            # Workaround for the stand-in: paho's network thread can die with
-            # ssl.SSLEOFError when it reconnects into a broker that is still
-            # starting; reconnect its client by hand (otad is not involved).
-            self.service.client.loop_stop()
-            for attempt in range(5):
-                try:
-                    self.service.client.reconnect()
-                    break
-                except OSError:
-                    time.sleep(0.5)
-            self.service.client.loop_start()
-            if not self.service._connected.wait(10):
-                raise
-
     def notify_next_raw(self, payload):
         topic = "$aws/things/%s/jobs/notify-next" % self.thing
         info = self.service.client.publish(topic, payload, qos=1)
@@ -589,7 +571,7 @@ class TestBrokerRestart(JobsTestCase):
         self.service.wait_for_status(self.thing, "restart-1", "IN_PROGRESS", JOB_TIMEOUT)
         asked = self.next_get_count()
         # Down while the handler runs: its SUCCEEDED waits for the reconnect.
-        self.restart_broker(down_seconds=1.0)
+        self.service.restart_broker(down_seconds=1.0)
         otad.wait_for_log(r"Disconnected from localhost", 10)
         wait_until(lambda: len(otad.grep(r"Connected to localhost")) >= 2, CONNECT_TIMEOUT, "the reconnect")
         wait_until(lambda: self.next_get_count() > asked, CONNECT_TIMEOUT, "$next/get after the reconnect")

@@ -321,25 +321,6 @@ class StreamReconnectTest(StreamFetchBase):
     """A broker restart mid-transfer, on a stack of its own: the stand-in's
     own reconnect must not take the other tests down with it."""
 
-    def restart_broker(self, down_seconds):
-        try:
-            self.service.restart_broker(down_seconds)
-        except RuntimeError:
-            # The stand-in's paho thread can die with ssl.SSLEOFError when it
-            # reconnects into a broker still starting (test_jobs.py has the
-            # same workaround); reconnect it by hand. stream-fetch is not
-            # involved in this.
-            self.service.client.loop_stop()
-            for _ in range(5):
-                try:
-                    self.service.client.reconnect()
-                    break
-                except OSError:
-                    time.sleep(0.5)
-            self.service.client.loop_start()
-            if not self.service._connected.wait(10):
-                raise
-
     def test_broker_restart_mid_transfer(self):
         stream_id, data = self.make_stream(4 * MIB)
         argv = self.argv(stream_id, len(data), ota={"max_requests_per_second": 10})
@@ -347,7 +328,7 @@ class StreamReconnectTest(StreamFetchBase):
         try:
             self.assertTrue(self.service.record.wait_until(
                 lambda rec: rec.bytes_served(self.thing, "mqtt") >= 1 * MIB, 60))
-            self.restart_broker(down_seconds=1.0)
+            self.service.restart_broker(down_seconds=1.0)
             out, err = p.communicate(timeout=120)
         finally:
             if p.poll() is None:

@@ -130,6 +130,19 @@ class AwsIot:
         connected again. Devices must reconnect and resubscribe."""
         self._connected.clear()
         self.broker.restart(down_seconds)
+        if self._connected.wait(timeout):
+            return
+        # paho's network thread can die with ssl.SSLEOFError when it
+        # reconnects into a broker that is still starting, and then never
+        # tries again: reconnect the client by hand.
+        self.client.loop_stop()
+        for _ in range(5):
+            try:
+                self.client.reconnect()
+                break
+            except OSError:
+                time.sleep(0.5)
+        self.client.loop_start()
         if not self._connected.wait(timeout):
             raise RuntimeError("stand-in did not reconnect after broker restart")
 
