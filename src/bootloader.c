@@ -193,3 +193,15 @@ int bootloader_mark_bad(struct bootloader *b, const char *bootname) {
                  "Bootloader (%s): slot %s marked bad", b->ops->name, bootname);
         return 0;
 }
+
+bool bootloader_order_has(const char *order, const char *bootname) {
+        _cleanup_free_ char *copy = strdup(order);
+        char *save = NULL;
+
+        if (!copy)
+                return false;
+        for (char *w = strtok_r(copy, " \t", &save); w; w = strtok_r(NULL, " \t", &save))
+                if (strcmp(w, bootname) == 0)
+                        return true;
+        return false;
+}

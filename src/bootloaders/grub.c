@@ -119,18 +119,6 @@ static int set_flag(struct grubenv *env, const char *bootname, const char *suffi
         return grubenv_set(env, name, value ? "1" : "0");
 }
 
-static bool order_has(const char *order, const char *bootname) {
-        _cleanup_free_ char *copy = strdup(order);
-        char *save = NULL;
-
-        if (!copy)
-                return false;
-        for (char *w = strtok_r(copy, " \t", &save); w; w = strtok_r(NULL, " \t", &save))
-                if (strcmp(w, bootname) == 0)
-                        return true;
-        return false;
-}
-
 /* ORDER as GRUB sees it: the file's, or the configured default. */
 static int current_order(const struct bootloader *b, const struct grubenv *env, char **ret) {
         const char *o = grubenv_get(env, "ORDER");
@@ -189,7 +177,7 @@ static int grub_get_state(struct bootloader *b, const char *bootname, bool *ret_
                 return r;
         r = current_order(b, &env, &order);
         if (r >= 0)
-                *ret_good = order_has(order, bootname) && flag_of(&env, bootname, "OK", 1) &&
+                *ret_good = bootloader_order_has(order, bootname) && flag_of(&env, bootname, "OK", 1) &&
                             !flag_of(&env, bootname, "TRY", 0);
         grubenv_done(&env);
         return r;

@@ -136,18 +136,6 @@ static int current_order(const struct bootloader *b, struct uboot_ctx *ctx, char
         return bootloader_order(b, NULL, NULL, NULL, false, ret);
 }
 
-static bool order_has(const char *order, const char *bootname) {
-        _cleanup_free_ char *copy = strdup(order);
-        char *save = NULL;
-
-        if (!copy)
-                return false;
-        for (char *w = strtok_r(copy, " \t", &save); w; w = strtok_r(NULL, " \t", &save))
-                if (strcmp(w, bootname) == 0)
-                        return true;
-        return false;
-}
-
 struct uboot_var {
         char name[128];
         char value[256];
@@ -218,7 +206,7 @@ static int uboot_get_state(struct bootloader *b, const char *bootname, bool *ret
         r = current_order(b, ctx, &order);
         if (r < 0)
                 return r;
-        *ret_good = order_has(order, bootname) && tries_left(ctx, bootname) > 0;
+        *ret_good = bootloader_order_has(order, bootname) && tries_left(ctx, bootname) > 0;
         return 0;
 }
 
