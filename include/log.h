@@ -43,8 +43,9 @@ int log_level_from_string(const char *s);
 const char *log_level_to_string(int level);
 
 /* Returns -abs(error) when error != 0, else 0, so a caller can write
- * `return log_error_errno(r, "Failed to open %s: %s", path, strerror(-r))`.
- * (%m is refused by -Wpedantic, so the cause is spelled out.) */
+ * `return log_error_errno(r, "Failed to open %s: %m", path)`: errno is
+ * abs(error) while the message is formatted, so %m names the cause (the
+ * glibc extension systemd's logging relies on too). */
 int log_full(int level, int error, const struct log_fields *fields,
              const char *format, ...) __attribute__((format(printf, 4, 5)));
 int log_fullv(int level, int error, const struct log_fields *fields,
@@ -62,6 +63,8 @@ int log_fullv(int level, int error, const struct log_fields *fields,
 /* A line about one job: carries OTAD_JOB_ID= and OTAD_STAGE=. */
 #define log_job(level, job, stg, ...) \
         log_full((level), 0, &(const struct log_fields){ .job_id = (job), .stage = (stg) }, __VA_ARGS__)
+#define log_job_errno(level, error, job, stg, ...) \
+        log_full((level), (error), &(const struct log_fields){ .job_id = (job), .stage = (stg) }, __VA_ARGS__)
 /* A milestone: carries MESSAGE_ID= as well. */
 #define log_milestone(level, mid, job, stg, ...) \
         log_full((level), 0, &(const struct log_fields){ .message_id = (mid), .job_id = (job), .stage = (stg) }, __VA_ARGS__)

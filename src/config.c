@@ -542,7 +542,7 @@ int config_load(const char *path, struct otad_config **ret) {
 
         f = fopen(path, "re");
         if (!f)
-                return log_error_errno(-errno, "Failed to open %s: %s", path, strerror(errno));
+                return log_error_errno(-errno, "Failed to open %s: %m", path);
         c = calloc(1, sizeof(*c));
         p.fixed_lines = calloc(ELEMENTSOF(items), sizeof(unsigned));
         if (!c || !p.fixed_lines || !(c->path = strdup(path))) {
@@ -593,7 +593,7 @@ static int check_exists(const char *path, const char *what, bool want_dir) {
         struct stat st;
 
         if (stat(path, &st) < 0)
-                return log_error_errno(-errno, "%s %s: %s", what, path, strerror(errno));
+                return log_error_errno(-errno, "%s %s: %m", what, path);
         if (want_dir && !S_ISDIR(st.st_mode))
                 return log_error_errno(-ENOTDIR, "%s %s is not a directory", what, path);
         if (!want_dir && S_ISDIR(st.st_mode))
@@ -607,7 +607,7 @@ static int check_private_key(const char *path) {
         struct stat st;
 
         if (stat(path, &st) < 0)
-                return log_error_errno(-errno, "key_file %s: %s", path, strerror(errno));
+                return log_error_errno(-errno, "key_file %s: %m", path);
         if (st.st_mode & (S_IRWXG | S_IRWXO))
                 return log_error_errno(-EPERM, "key_file %s is accessible by group or others (mode %04o); run chmod 600 %s",
                                        path, (unsigned) (st.st_mode & 07777), path);

@@ -534,7 +534,7 @@ int custom_jobs_new(struct otad *otad, struct custom_jobs **ret) {
                                               });
         if (r < 0) {
                 free(cj);
-                return log_error_errno(r, "Failed to register the custom job handler: %s", strerror(-r));
+                return log_error_errno(r, "Failed to register the custom job handler: %m");
         }
         *ret = cj;
         return 0;

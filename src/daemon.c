@@ -63,13 +63,13 @@ int otad_new(struct otad_config *config, struct otad **ret) {
          * cuts; it is private to otad. */
         r = mkdir_p(config->state.directory, 0700);
         if (r < 0) {
-                log_error_errno(r, "Failed to create state directory %s: %s", config->state.directory, strerror(-r));
+                log_error_errno(r, "Failed to create state directory %s: %m", config->state.directory);
                 goto fail;
         }
 
         r = sd_event_default(&otad->event);
         if (r < 0) {
-                log_error_errno(r, "Failed to create event loop: %s", strerror(-r));
+                log_error_errno(r, "Failed to create event loop: %m");
                 goto fail;
         }
         /* sd-event needs the signals blocked to receive them through
@@ -86,14 +86,14 @@ int otad_new(struct otad_config *config, struct otad **ret) {
         if (r >= 0)
                 r = sd_event_add_signal(otad->event, NULL, SIGHUP, on_hangup, otad);
         if (r < 0) {
-                log_error_errno(r, "Failed to add signal handlers: %s", strerror(-r));
+                log_error_errno(r, "Failed to add signal handlers: %m");
                 goto fail;
         }
         /* Sends WATCHDOG=1 at half of WatchdogSec= from the loop itself: a
          * stuck loop stops the pings and systemd restarts us. */
         r = sd_event_set_watchdog(otad->event, true);
         if (r < 0) {
-                log_error_errno(r, "Failed to enable the watchdog: %s", strerror(-r));
+                log_error_errno(r, "Failed to enable the watchdog: %m");
                 goto fail;
         }
 
@@ -128,7 +128,7 @@ int otad_run(struct otad *otad) {
 
         r = sd_event_loop(otad->event);
         if (r < 0)
-                return log_error_errno(r, "Event loop failed: %s", strerror(-r));
+                return log_error_errno(r, "Event loop failed: %m");
         return 0;
 }
 

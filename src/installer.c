@@ -68,6 +68,7 @@ int installer_fail(struct installer *in, int error, const char *format, ...) {
         va_list ap;
 
         va_start(ap, format);
+        errno = error < 0 ? -error : error; /* for %m */
         if (vasprintf(&reason, format, ap) < 0)
                 reason = NULL;
         va_end(ap);

@@ -529,7 +529,7 @@ static int next_get_send(struct jobs *jobs) {
         r = mqtt_publish(jobs->mqtt, "jobs/$next/get", body, strlen(body), 1);
         if (r < 0) {
                 jobs->next_get_token[0] = '\0';
-                return r == -ENOTCONN ? 0 : log_error_errno(r, "Failed to ask for the next job: %s", strerror(-r));
+                return r == -ENOTCONN ? 0 : log_error_errno(r, "Failed to ask for the next job: %m");
         }
         jobs->next_get_attempts++;
         log_debug("Asked for the next job ($next/get %s)", jobs->next_get_token);
@@ -941,7 +941,7 @@ int jobs_new(struct otad *otad, struct jobs **ret) {
         if (r >= 0)
                 r = mqtt_add_connection_handler(jobs->mqtt, on_connection, jobs);
         if (r < 0) {
-                log_error_errno(r, "Failed to set up the Jobs client: %s", strerror(-r));
+                log_error_errno(r, "Failed to set up the Jobs client: %m");
                 jobs_free(jobs);
                 return r;
         }

@@ -641,7 +641,7 @@ static void session_schedule_retry(struct mqtt_session *s, const char *reason) {
         if (r < 0) {
                 /* Without a timer we would never reconnect: stop the loop so
                  * that systemd restarts us. */
-                log_error_errno(r, "Failed to arm the reconnect timer: %s", strerror(-r));
+                log_error_errno(r, "Failed to arm the reconnect timer: %m");
                 sd_event_exit(s->otad->event, r);
                 return;
         }
@@ -677,7 +677,7 @@ int mqtt_session_new(struct otad *otad, struct mqtt_session **ret) {
         mosquitto_lib_init();
         s->mosq = mosquitto_new(c->mqtt.client_id, c->mqtt.clean_session, s);
         if (!s->mosq) {
-                r = log_error_errno(-errno, "Failed to create the MQTT client: %s", strerror(errno));
+                r = log_error_errno(-errno, "Failed to create the MQTT client: %m");
                 goto fail;
         }
         mosquitto_int_option(s->mosq, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V311);

@@ -938,7 +938,7 @@ int ota_new(struct otad *otad, struct ota **ret) {
         *ret = ota;
         return 0;
 fail:
-        log_error_errno(r, "Failed to set up the OTA handler: %s", strerror(-r));
+        log_error_errno(r, "Failed to set up the OTA handler: %m");
         ota_free(ota);
         return r;
 }

@@ -111,7 +111,7 @@ static int mount_table_load(const struct slot_sources *src, struct mount_table *
 
         r = read_file_full(source_mountinfo(src), MOUNTINFO_MAX, &data, NULL);
         if (r < 0)
-                return log_error_errno(r, "Failed to read mount table %s: %s", source_mountinfo(src), strerror(-r));
+                return log_error_errno(r, "Failed to read mount table %s: %m", source_mountinfo(src));
 
         for (char *line = strtok_r(data, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
                 struct mount_entry e;
@@ -218,7 +218,7 @@ int slot_is_mounted(const struct config_slot *slot, const struct slot_sources *s
 
         r = slot_devs_get(slot, &d);
         if (r < 0)
-                return log_error_errno(r, "Failed to look at slot device %s: %s", slot->device, strerror(-r));
+                return log_error_errno(r, "Failed to look at slot device %s: %m", slot->device);
         r = mount_table_load(src, &t);
         if (r < 0)
                 return r;
@@ -379,7 +379,7 @@ int slot_booted(const struct otad_config *config, const char *class_name,
                 return 0;
         }
         if (r != -ENOENT)
-                return log_error_errno(r, "Failed to read the kernel command line %s: %s", source_cmdline(src), strerror(-r));
+                return log_error_errno(r, "Failed to read the kernel command line %s: %m", source_cmdline(src));
 
         r = booted_by_root_mount(pair, src, &s);
         if (r == -ENODEV)

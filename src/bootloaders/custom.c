@@ -79,7 +79,7 @@ static int custom_call(struct bootloader *b, const char *verb, const char *slot,
                                        command, verb, slot ? " " : "", slot ? slot : "",
                                        CUSTOM_TIMEOUT_USEC / 1000000ULL);
         if (r < 0)
-                return log_error_errno(r, "Failed to run custom bootloader '%s': %s", command, strerror(-r));
+                return log_error_errno(r, "Failed to run custom bootloader '%s': %m", command);
         if (status != 0)
                 return log_error_errno(-EIO, "Custom bootloader '%s %s%s%s%s%s' failed with exit status %d",
                                        command, verb, slot ? " " : "", slot ? slot : "",

@@ -73,7 +73,7 @@ static int grub_load(struct bootloader *b, struct grubenv *ret) {
                 return log_error_errno(-EIO, "GRUB environment %s is not a %d-byte block starting with '%.24s' (torn write?), refusing to use it",
                                        grubenv_path(b), GRUBENV_SIZE, GRUBENV_HEADER);
         if (r < 0)
-                return log_error_errno(r, "Failed to read GRUB environment %s: %s", grubenv_path(b), strerror(-r));
+                return log_error_errno(r, "Failed to read GRUB environment %s: %m", grubenv_path(b));
         return 0;
 }
 
@@ -88,7 +88,7 @@ static int grub_store(struct bootloader *b, const struct grubenv *env) {
                 return log_error_errno(r, "GRUB environment %s: the variables do not fit into %d bytes",
                                        grubenv_path(b), GRUBENV_SIZE);
         if (r < 0)
-                return log_error_errno(r, "Failed to write GRUB environment %s: %s", grubenv_path(b), strerror(-r));
+                return log_error_errno(r, "Failed to write GRUB environment %s: %m", grubenv_path(b));
         r = grubenv_read(grubenv_path(b), &back);
         if (r < 0)
                 return log_error_errno(-EIO, "GRUB environment %s unreadable right after writing it: %s",

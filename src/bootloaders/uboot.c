@@ -90,12 +90,12 @@ static int uboot_open(struct bootloader *b, struct uboot_ctx **ret) {
                 return log_error_errno(-EINVAL, "[bootloader] type=uboot needs fw_env_config=");
         r = libuboot_initialize(&ctx, NULL);
         if (r < 0)
-                return log_error_errno(r, "Failed to initialise libubootenv: %s", strerror(-r));
+                return log_error_errno(r, "Failed to initialise libubootenv: %m");
         r = libuboot_read_config(ctx, fw_env_config(b));
         if (r < 0) {
                 libuboot_exit(ctx);
-                return log_error_errno(r, "Failed to read %s (or the environment file it names is missing): %s",
-                                       fw_env_config(b), strerror(-r));
+                return log_error_errno(r, "Failed to read %s (or the environment file it names is missing): %m",
+                                       fw_env_config(b));
         }
         r = libuboot_open(ctx);
         if (r < 0)
@@ -109,7 +109,7 @@ static int uboot_open(struct bootloader *b, struct uboot_ctx **ret) {
         }
         if (r < 0) {
                 libuboot_exit(ctx);
-                return log_error_errno(r, "Failed to read the U-Boot environment named by %s: %s", fw_env_config(b), strerror(-r));
+                return log_error_errno(r, "Failed to read the U-Boot environment named by %s: %m", fw_env_config(b));
         }
         *ret = ctx;
         return 0;
@@ -153,11 +153,11 @@ static int uboot_store(struct bootloader *b, struct uboot_ctx **ctxp, const stru
         for (size_t i = 0; i < n; i++) {
                 r = libuboot_set_env(ctx, vars[i].name, vars[i].value);
                 if (r < 0)
-                        return log_error_errno(r, "Failed to set U-Boot variable %s: %s", vars[i].name, strerror(-r));
+                        return log_error_errno(r, "Failed to set U-Boot variable %s: %m", vars[i].name);
         }
         r = libuboot_env_store(ctx);
         if (r < 0)
-                return log_error_errno(r, "Failed to store the U-Boot environment named by %s: %s", fw_env_config(b), strerror(-r));
+                return log_error_errno(r, "Failed to store the U-Boot environment named by %s: %m", fw_env_config(b));
         uboot_ctx_freep(&ctx);
         ctx = NULL;
 

@@ -90,21 +90,18 @@ static int ab_begin(struct installer *in, uint64_t size, bool resume) {
                                       slot->bootname ? slot->bootname : slot->name, slot->device);
 
         if (stat(slot->device, &st) < 0)
-                return installer_fail(in, -errno, "cannot open slot %s (%s): %s", slot->name, slot->device,
-                                      strerror(errno));
+                return installer_fail(in, -errno, "cannot open slot %s (%s): %m", slot->name, slot->device);
         /* O_EXCL on a block device: the kernel refuses it while mounted or
          * opened exclusively elsewhere. It means nothing for a regular file
          * (tests), which must exist already: a slot is never created. */
         fd = open(slot->device, O_RDWR | O_CLOEXEC | O_NOCTTY | (S_ISBLK(st.st_mode) ? O_EXCL : 0));
         if (fd < 0)
-                return installer_fail(in, -errno, "cannot open slot %s (%s): %s", slot->name, slot->device,
-                                      strerror(errno));
+                return installer_fail(in, -errno, "cannot open slot %s (%s): %m", slot->name, slot->device);
         if (fstat(fd, &st) < 0)
                 return -errno;
         if (S_ISBLK(st.st_mode)) {
                 if (ioctl(fd, BLKGETSIZE64, &capacity) < 0)
-                        return installer_fail(in, -errno, "cannot get the size of %s: %s", slot->device,
-                                              strerror(errno));
+                        return installer_fail(in, -errno, "cannot get the size of %s: %m", slot->device);
         } else if (S_ISREG(st.st_mode))
                 capacity = (uint64_t) st.st_size;
         else
@@ -140,8 +137,8 @@ static int ab_write(struct installer *in, uint64_t offset, const void *buf, size
                 return -ERANGE;
         r = pwrite_all(d->fd, buf, len, offset);
         if (r < 0)
-                return installer_fail(in, r, "cannot write slot %s at offset %llu: %s", in->slot->device,
-                                      (unsigned long long) offset, strerror(-r));
+                return installer_fail(in, r, "cannot write slot %s at offset %llu: %m", in->slot->device,
+                                      (unsigned long long) offset);
         return 0;
 }
 
@@ -151,7 +148,7 @@ static int ab_sync(struct installer *in) {
         if (!d)
                 return -EBADF;
         if (fdatasync(d->fd) < 0)
-                return installer_fail(in, -errno, "cannot sync slot %s: %s", in->slot->device, strerror(errno));
+                return installer_fail(in, -errno, "cannot sync slot %s: %m", in->slot->device);
         return 0;
 }
 
@@ -165,8 +162,8 @@ static int ab_finish(struct installer *in) {
         /* all pages are clean now; dropping them makes read() go to the device */
         r = posix_fadvise(d->fd, 0, 0, POSIX_FADV_DONTNEED);
         if (r != 0)
-                log_warning_errno(-r, "Failed to drop the page cache of %s, read-back may come from memory: %s, ignoring",
-                                  in->slot->device, strerror(r));
+                log_warning_errno(-r, "Failed to drop the page cache of %s, read-back may come from memory: %m, ignoring",
+                                  in->slot->device);
         return 0;
 }
 
@@ -199,8 +196,7 @@ static int ab_activate(struct installer *in) {
         r = bootloader_set_try_once(b, in->slot->bootname);
         bootloader_free(b);
         if (r < 0)
-                return installer_fail(in, r, "bootloader refused to select slot %s: %s", in->slot->bootname,
-                                      strerror(-r));
+                return installer_fail(in, r, "bootloader refused to select slot %s: %m", in->slot->bootname);
         close(d->fd);
         d->fd = -1;
         log_full(LOG_NOTICE, 0,

@@ -90,8 +90,7 @@ static int command_begin(struct installer *in, uint64_t size, bool resume) {
                 return r;
         r = partial_file_open(&d->staged, config->state.directory, name, size, resume, 0700);
         if (r < 0)
-                return installer_fail(in, r, "cannot stage the image in %s/%s: %s", config->state.directory, name,
-                                      strerror(-r));
+                return installer_fail(in, r, "cannot stage the image in %s/%s: %m", config->state.directory, name);
         return 0;
 }
 
@@ -103,7 +102,7 @@ static int command_write(struct installer *in, uint64_t offset, const void *buf,
                 return -EBADF;
         r = partial_file_write(&d->staged, offset, buf, len);
         if (r < 0)
-                return installer_fail(in, r, "cannot write %s: %s", d->staged.path, strerror(-r));
+                return installer_fail(in, r, "cannot write %s: %m", d->staged.path);
         return 0;
 }
 
@@ -115,7 +114,7 @@ static int command_sync(struct installer *in) {
                 return -EBADF;
         r = partial_file_sync(&d->staged);
         if (r < 0)
-                return installer_fail(in, r, "cannot sync %s: %s", d->staged.path, strerror(-r));
+                return installer_fail(in, r, "cannot sync %s: %m", d->staged.path);
         return 0;
 }
 
@@ -339,7 +338,7 @@ static int command_activate(struct installer *in) {
                 return -EINVAL;
         r = partial_file_sync(&d->staged);
         if (r < 0)
-                return installer_fail(in, r, "cannot sync %s: %s", d->staged.path, strerror(-r));
+                return installer_fail(in, r, "cannot sync %s: %m", d->staged.path);
         partial_file_close(&d->staged); /* the program gets the path, not our fd */
 
         r = subprocess_split_command(in->target->command, &argv);
@@ -373,7 +372,7 @@ static int command_activate(struct installer *in) {
                 }
         r = subprocess_start(argv, envp, pipes[0][1], pipes[1][1], &d->pid);
         if (r < 0) {
-                r = installer_fail(in, r, "cannot start %s: %s", argv[0], strerror(-r));
+                r = installer_fail(in, r, "cannot start %s: %m", argv[0]);
                 goto out;
         }
         for (size_t i = 0; i < 2; i++) {
@@ -395,7 +394,7 @@ static int command_activate(struct installer *in) {
                 d->child = sd_event_source_disable_unref(d->child);
                 output_close(&d->out[0]);
                 output_close(&d->out[1]);
-                r = installer_fail(in, r, "cannot watch %s: %s", argv[0], strerror(-r));
+                r = installer_fail(in, r, "cannot watch %s: %m", argv[0]);
                 goto out;
         }
         log_job(LOG_INFO, in->job_id, "activate", "[target.%s]: running %s %s", in->target->name,

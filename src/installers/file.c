@@ -120,7 +120,7 @@ static int file_begin(struct installer *in, uint64_t size, bool resume) {
                 return r;
         r = partial_file_open(&d->partial, dir, name, size, resume, 0755);
         if (r < 0)
-                return installer_fail(in, r, "cannot create %s/%s: %s", dir, name, strerror(-r));
+                return installer_fail(in, r, "cannot create %s/%s: %m", dir, name);
         log_job(LOG_DEBUG, in->job_id, "install", "[target.%s]: writing %s (%llu bytes%s)", in->target->name,
                 d->partial.path, (unsigned long long) size, resume ? ", resuming" : "");
         return 0;
@@ -134,7 +134,7 @@ static int file_write(struct installer *in, uint64_t offset, const void *buf, si
                 return -EBADF;
         r = partial_file_write(&d->partial, offset, buf, len);
         if (r < 0)
-                return installer_fail(in, r, "cannot write %s: %s", d->partial.path, strerror(-r));
+                return installer_fail(in, r, "cannot write %s: %m", d->partial.path);
         return 0;
 }
 
@@ -146,7 +146,7 @@ static int file_sync(struct installer *in) {
                 return -EBADF;
         r = partial_file_sync(&d->partial);
         if (r < 0)
-                return installer_fail(in, r, "cannot sync %s: %s", d->partial.path, strerror(-r));
+                return installer_fail(in, r, "cannot sync %s: %m", d->partial.path);
         return 0;
 }
 
@@ -166,15 +166,15 @@ static int file_activate(struct installer *in) {
         if (!d || d->partial.fd < 0)
                 return -EBADF;
         if (fsync(d->partial.fd) < 0)
-                return installer_fail(in, -errno, "cannot sync %s: %s", d->partial.path, strerror(errno));
+                return installer_fail(in, -errno, "cannot sync %s: %m", d->partial.path);
         if (asprintf(&final, "%s/%s", in->target->directory, in->target->name) < 0)
                 return -ENOMEM;
         if (rename(d->partial.path, final) < 0)
-                return installer_fail(in, -errno, "cannot rename %s to %s: %s", d->partial.path, final, strerror(errno));
+                return installer_fail(in, -errno, "cannot rename %s to %s: %m", d->partial.path, final);
         partial_file_close(&d->partial);
         r = fsync_directory(in->target->directory);
         if (r < 0)
-                return installer_fail(in, r, "cannot sync directory %s: %s", in->target->directory, strerror(-r));
+                return installer_fail(in, r, "cannot sync directory %s: %m", in->target->directory);
         log_milestone(LOG_INFO, OTAD_MID_SLOT_ACTIVATED, in->job_id, "activate", "[target.%s]: installed %s",
                       in->target->name, final);
         return 0;
