@@ -35,6 +35,10 @@
 #define BACKOFF_MAX_USEC (30 * USEC_PER_SEC)
 
 #define QUIET_MIN_USEC (250 * USEC_PER_MSEC)
+/* After a restart, answers to the killed run's requests may still be on
+ * their way (AWS delays what exceeds 512 KiB/s, up to a window's worth):
+ * take them before asking for anything, as long as they keep coming. */
+#define ADOPT_QUIET_USEC (300 * USEC_PER_MSEC)
 
 /* One GetStream request in flight: the blocks it asked for. */
 struct request_slot {
@@ -53,6 +57,7 @@ struct stream_download {
         struct otad *otad;
         struct mqtt_session *mqtt;
         unsigned file_id;
+        char *stream_name;
         char *topic_get, *topic_data, *topic_rejected;
         struct download_file file; /* strings owned */
         const struct download_ops *ops;
@@ -82,6 +87,9 @@ struct stream_download {
         uint64_t blocks_at_last_timeout;
         struct backoff backoff;
         uint64_t backoff_until;
+        bool adopting;             /* resumed: taking answers to an earlier run's requests */
+        uint64_t adopt_started;    /* when subscribed; 0: not yet */
+        uint64_t adopt_until;      /* until then no request */
         bool offline;
         /* Tail loss: when the data goes quiet while requests are open, the
          * rest of them was lost; re-ask once after a few inter-block gaps
@@ -321,6 +329,11 @@ static uint64_t back_off(struct stream_download *d, uint64_t now) {
 static void fill_window(struct stream_download *d, uint64_t now) {
         unsigned limit = d->silent ? 1 : d->window;
 
+        if (d->adopting) {
+                if (d->adopt_until == 0 || now < d->adopt_until)
+                        return;
+                d->adopting = false;
+        }
         while (!d->finished && active_slots(d) < limit && now >= d->next_send && now >= d->backoff_until &&
                anything_to_request(d)) {
                 struct request_slot *s = NULL;
@@ -444,6 +457,9 @@ static void schedule(struct stream_download *d, uint64_t now) {
         else if (d->data_ready && d->rejected_ready && anything_to_request(d) &&
                  active_slots(d) < (d->silent ? 1u : d->window)) {
                 uint64_t t = d->next_send > d->backoff_until ? d->next_send : d->backoff_until;
+
+                if (d->adopting && d->adopt_until > t)
+                        t = d->adopt_until;
 
                 next = t < next ? t : next;
         }
@@ -612,6 +628,11 @@ static void on_data(const char *topic, const uint8_t *payload, size_t len, void 
         blockmap_set(d->received, b.index);
         blockmap_clear(d->inflight, b.index);
         d->stats.blocks_received++;
+        if (d->adopting && d->adopt_until) {
+                uint64_t until = now + ADOPT_QUIET_USEC, limit = d->adopt_started + d->timeout;
+
+                d->adopt_until = until < limit ? until : limit;
+        }
         d->momentum = 0;
         d->silent = false;
         d->quiet_armed = true;
@@ -762,8 +783,9 @@ static void on_rejected(const char *topic, const uint8_t *payload, size_t len, v
                                                                                           : -EPROTO;
                 /* What the service could not match, from what we asked. */
                 if (r == -ENOENT)
-                        snprintf(expected, sizeof expected, " (the job names file %u of %s, which the service does not have)",
-                                 d->file_id, d->topic_get);
+                        snprintf(expected, sizeof expected,
+                                 " (the job names file %u of stream %s, which the service does not have)", d->file_id,
+                                 d->stream_name);
                 else if (r == -EACCES)
                         snprintf(expected, sizeof expected, " (the stream's role cannot read the file it names)");
                 else if (r == -ESTALE)
@@ -793,6 +815,10 @@ static void on_subscribed(bool granted, void *userdata, bool *ready, const char 
         if (*ready)
                 release_all(d);
         *ready = true;
+        if (d->adopting && d->adopt_started == 0 && d->data_ready && d->rejected_ready) {
+                d->adopt_started = clock_now_usec();
+                d->adopt_until = d->adopt_started + ADOPT_QUIET_USEC;
+        }
         pump(d);
 }
 
@@ -853,6 +879,9 @@ static int load_progress(struct stream_download *d, uint32_t block_size) {
                 return -ENOMEM;
         d->block_size = blockmap_block_size(m);
         d->stats.blocks_resumed = blockmap_count(m);
+        /* A record of this job: a run before us may have left requests
+         * whose answers are still coming. */
+        d->adopting = durable != NULL;
         /* What an earlier run wrote but did not sync: sync it soon, so
          * that a power cut from now on does not cost it. */
         undurable = blockmap_count(d->received) - blockmap_count(d->durable);
@@ -894,7 +923,8 @@ int stream_download_new(struct otad *otad, const char *stream_name, unsigned fil
                 r = -ENOMEM;
                 goto fail;
         }
-        if (asprintf(&d->topic_get, "streams/%s/get/cbor", stream_name) < 0 ||
+        d->stream_name = strdup(stream_name);
+        if (!d->stream_name || asprintf(&d->topic_get, "streams/%s/get/cbor", stream_name) < 0 ||
             asprintf(&d->topic_data, "streams/%s/data/cbor", stream_name) < 0 ||
             asprintf(&d->topic_rejected, "streams/%s/rejected/cbor", stream_name) < 0) {
                 r = -ENOMEM;
@@ -978,6 +1008,7 @@ void stream_download_free(struct stream_download *d) {
         blockmap_free(d->durable);
         blockmap_free(d->inflight);
         free(d->slots);
+        free(d->stream_name);
         free(d->topic_get);
         free(d->topic_data);
         free(d->topic_rejected);
