@@ -1,16 +1,19 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * blockmap: which blocks of one file have arrived, and its durable record
- * for resuming after a restart or power cut. Owns the bitmap, the request
+ * blockmap: which blocks of one file have arrived, and its record for
+ * resuming after a restart or power cut. Owns the bitmap, the request
  * bitmaps derived from it (protocol.md §3.4, LSB-first relative to "o") and
- * the progress file format; never touches the data itself (the caller syncs
- * the data before it saves the map that counts it).
+ * the progress file format; never touches the data itself. The record holds
+ * two maps, as download.h explains: the blocks written (true while this boot
+ * lasts) and the blocks durable (synced before the record counted them).
  */
 #pragma once
 
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include <systemd/sd-id128.h>
 
 struct blockmap;
 struct download_file;
@@ -20,6 +23,11 @@ struct download_file;
  * larger parts simply have more. -EINVAL for a zero size or block size. */
 int blockmap_new(uint64_t file_size, uint32_t block_size, struct blockmap **ret);
 void blockmap_free(struct blockmap *m);
+/* A new map with m's blocks; NULL when out of memory. */
+struct blockmap *blockmap_copy(const struct blockmap *m);
+/* m takes from's blocks; -EINVAL unless both have the same file and block
+ * size. */
+int blockmap_assign(struct blockmap *m, const struct blockmap *from);
 
 uint64_t blockmap_blocks(const struct blockmap *m);
 uint32_t blockmap_block_size(const struct blockmap *m);
@@ -52,12 +60,22 @@ uint64_t blockmap_request_bitmap(const struct blockmap *m, const struct blockmap
  * (after a BlockSizeOutOfBounds rejection forced smaller blocks). */
 int blockmap_remap(const struct blockmap *m, uint32_t block_size, struct blockmap **ret);
 
-/* Persists m for file at path (atomically: path.tmp, fsync, rename, fsync
- * of the directory) with a header naming the job, file index, file size,
- * block size and a hash of the signature, and a checksum over it all. */
-int blockmap_save(const struct blockmap *m, const struct download_file *file, const char *path);
-/* Loads what blockmap_save() wrote. The map keeps the block size it was
- * saved with (remap it when it differs). -ENOENT: nothing saved. -ESTALE:
- * saved for another job, file index, size or signature: discard it.
- * -EBADMSG: torn or corrupt. *ret untouched on failure. */
-int blockmap_load(const char *path, const struct download_file *file, struct blockmap **ret);
+/* Persists the record for file at path, with a header naming the job, file
+ * index, file size, block size and a hash of the signature, and a checksum
+ * over it all. written: the blocks handed to the target, true as long as
+ * boot_id is the running boot; durable: the blocks the target synced before
+ * this call, a subset of written (-EINVAL otherwise; both at one block
+ * size). sync: make the record itself durable (path.tmp, fsync, rename,
+ * fsync of the directory); else it is only renamed into place, which
+ * survives the process being killed but not necessarily a power cut. */
+int blockmap_save(const struct blockmap *written, const struct blockmap *durable, sd_id128_t boot_id,
+                  const struct download_file *file, const char *path, bool sync);
+/* Loads what blockmap_save() wrote. *ret: the written map when the record
+ * was saved in boot_id, else the durable one (the page cache that held the
+ * rest did not survive a reboot or power cut). *ret_durable (may be NULL):
+ * the durable map. The maps keep the block size they were saved with (remap
+ * them when it differs). -ENOENT: nothing saved. -ESTALE: saved for another
+ * job, file index, size or signature: discard it. -EBADMSG: torn or
+ * corrupt. Nothing is set on failure. */
+int blockmap_load(const char *path, const struct download_file *file, sd_id128_t boot_id, struct blockmap **ret,
+                  struct blockmap **ret_durable);

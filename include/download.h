@@ -4,6 +4,31 @@
  * streams, http.c over presigned HTTPS) and its owner (the OTA handler).
  * A transfer owns its protocol, its progress record and resuming from it;
  * the owner owns where the bytes go and what the result means.
+ *
+ * Progress records, and what a crash can take from them. A record may only
+ * count bytes that are on the target when it is read back; it should lose
+ * little when otad is killed however often (systemd's watchdog, an OOM
+ * kill, a kill -9 every second), and it must not cost a sync per block.
+ *  - kill -9 (or a crash of otad alone) loses the process, not the kernel:
+ *    bytes write() handed to the target are in the page cache and reach
+ *    the device later; a record renamed into place without fsync is there
+ *    too. So a record written after the data, neither synced, is true after
+ *    a kill -9.
+ *  - A power cut (or a kernel crash, or a reboot) loses the page cache:
+ *    unsynced data and an unsynced record may each survive or not, in any
+ *    combination. Only bytes synced before the record was written may be
+ *    counted after it.
+ * So a record carries two counts and the boot id (/proc/sys/kernel/random/
+ * boot_id) of the boot the first is true in: "written" (handed to the
+ * target; renamed into place without fsync every window of blocks or few
+ * hundred KiB, which costs a small write and no flush) and "durable"
+ * (synced, then recorded with fsync, once a second or MiB as before). A
+ * reader in the same boot resumes from "written"; in another boot from
+ * "durable". A power cut can so lose at most what came since the last
+ * durable record (or, on a file system that keeps neither version of a
+ * renamed but unsynced file, the record: the download starts over); a kill
+ * loses at most what was in flight and since the last written record. The
+ * signature check over the whole file stays the last word on every byte.
  */
 #pragma once
 
@@ -12,11 +37,16 @@
 
 struct download_ops {
         /* Validated bytes [offset, offset+len) of the file. <0 aborts the
-         * transfer with that error. */
+         * transfer with that error. When it returns 0 the bytes are with
+         * the kernel (written to the target, at least into its page cache),
+         * not in a buffer of otad's: a kill -9 right after does not lose
+         * them, and a record may count them for resuming in this boot. */
         int (*write)(uint64_t offset, const void *buf, size_t len, void *userdata);
-        /* Make everything written so far durable. A transfer calls this
-         * before it persists a progress record that counts those bytes:
-         * data reaches the target before the record that says it did. */
+        /* Make everything written so far durable (also what an earlier,
+         * killed run wrote: a sync covers the whole target). A transfer
+         * calls this before it persists a record that counts those bytes
+         * as durable: data reaches the device before the record that says
+         * it did. */
         int (*sync)(void *userdata);
         /* Received/total in blocks (stream) or bytes (HTTP), on every new
          * block or chunk; the owner rate-limits what it reports. */

@@ -22,6 +22,12 @@ int pread_all(int fd, void *buf, size_t len, uint64_t offset);
  * fsynced and renamed over path, then the directory is fsynced. After a
  * crash, path holds either the old or the new contents, never a mix. */
 int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode);
+/* The same replace without fsync: readers see the old or the new contents,
+ * never a mix, and the new ones survive the writer being killed (they are
+ * in the page cache); after a power cut path may hold the old contents, or
+ * on some file systems an empty or partial file. For records whose reader
+ * can tell (a checksum) and that a durable copy backs up. */
+int write_file_replace(const char *path, const void *data, size_t len, mode_t mode);
 
 /* Reads a whole regular file of at most max_size bytes into a new buffer,
  * NUL-terminated (not counted in *ret_size). -EFBIG when larger, -ENOENT

@@ -4,9 +4,11 @@
  * the HTTP side of download.h. Owns the libcurl multi handle driven by the
  * daemon's sd-event loop (no thread, no blocking call), one streaming GET
  * with Range to resume, certificate verification, low-speed abort, bounded
- * retries with backoff, asking its owner for a fresh URL when S3 refuses the
- * old one, and the progress record {identity, contiguous offset} in
- * download_file.state_path.
+ * retries with backoff (backoff.h), asking its owner for a fresh URL when S3
+ * refuses the old one, and the progress record {identity, boot id, bytes
+ * written, bytes durable} in download_file.state_path (download.h says why
+ * two counts: a kill -9 loses at most the last 256 KiB and what was on its
+ * way, a power cut what came since the last sync).
  * Never logs a URL's query string (it is a credential), never writes a byte
  * past filesize, never decides whether the bytes are trusted (verify does).
  */
@@ -22,7 +24,7 @@ struct http_download;
 struct http_download_stats {
         uint64_t size;           /* filesize */
         uint64_t offset;         /* contiguous bytes written */
-        uint64_t persisted;      /* offset in the progress record */
+        uint64_t persisted;      /* bytes the progress record counts as durable (synced) */
         uint64_t resumed_from;   /* offset taken from the record at start */
         uint64_t bytes_received; /* body bytes written, over all requests */
         unsigned requests;       /* GETs sent */
@@ -51,8 +53,10 @@ void http_download_get_stats(const struct http_download *d, struct http_download
  * record stays, so a later http_download_new() resumes. NULL is fine. */
 void http_download_free(struct http_download *d);
 
-/* The offset a new transfer of file would resume from: the record's offset
- * when it matches file's identity, else 0 (also when there is no record).
+/* The offset a new transfer of file would resume from: the record's bytes
+ * written when it matches file's identity and was made in this boot, its
+ * durable bytes when made in an earlier boot, else 0 (also when there is
+ * no record).
  * The owner calls this before installer begin(resume) to know whether the
  * target's bytes count. */
 uint64_t http_progress_resume_offset(const struct download_file *file);

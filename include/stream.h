@@ -4,8 +4,12 @@
  * §3, §6.3-6.5) as a transfer of include/download.h. Owns the GetStream
  * request window, pacing, timeouts, momentum, reactions to rejections, block
  * validation and the block map that lets a restarted otad fetch only what is
- * missing. Never decides where bytes go (ops->write) or what the result
- * means (ops->finished); never stops the daemon.
+ * missing (recorded per request's worth of blocks, synced per MiB or second,
+ * see download.h; a resumed run first takes the answers still coming to its
+ * predecessor's requests). A block whose length contradicts filesize ends
+ * the transfer at once (-EBADMSG): the stream and the job disagree. Never
+ * decides where bytes go (ops->write) or what the result means
+ * (ops->finished); never stops the daemon.
  *
  * Uses [ota] block_size, window, max_requests_per_second, request_timeout
  * and momentum from the configuration.

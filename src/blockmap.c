@@ -46,6 +46,24 @@ void blockmap_free(struct blockmap *m) {
         free(m);
 }
 
+struct blockmap *blockmap_copy(const struct blockmap *m) {
+        struct blockmap *c;
+
+        if (blockmap_new(m->file_size, m->block_size, &c) < 0)
+                return NULL;
+        memcpy(c->bits, m->bits, m->n_bytes);
+        c->count = m->count;
+        return c;
+}
+
+int blockmap_assign(struct blockmap *m, const struct blockmap *from) {
+        if (m->file_size != from->file_size || m->block_size != from->block_size)
+                return -EINVAL;
+        memcpy(m->bits, from->bits, m->n_bytes);
+        m->count = from->count;
+        return 0;
+}
+
 uint64_t blockmap_blocks(const struct blockmap *m) {
         return m->n_blocks;
 }
@@ -157,18 +175,24 @@ int blockmap_remap(const struct blockmap *m, uint32_t block_size, struct blockma
 /* ---- the progress file -------------------------------------------------
  *
  * All integers little-endian:
- *   "OTADBMP1"        magic and format version
+ *   "OTADBMP2"        magic and format version
  *   u32 block_size, u64 file_size, u64 n_blocks, u32 file_index
  *   32 bytes          SHA-256 of the signature text (zeros: none)
  *   u16 + bytes       job id
- *   u32 + bytes       bitmap, ceil(n_blocks / 8) bytes
+ *   16 bytes          boot id the written map is true in
+ *   u32 + bytes       written map, ceil(n_blocks / 8) bytes
+ *   bytes             durable map, as many bytes, a subset of the written one
  *   32 bytes          SHA-256 of everything above
+ * Version 1 ("OTADBMP1") had one map after the job id, no boot id: it was
+ * written only after the data was synced, so it is read as the durable map.
  * The block size is part of the header but not of the identity: a map saved
  * at another block size is still this file's progress.
  */
 
-#define MAGIC "OTADBMP1"
+#define MAGIC_V1 "OTADBMP1"
+#define MAGIC "OTADBMP2"
 #define HASH_LEN SHA256_DIGEST_LENGTH
+#define BOOT_ID_LEN 16
 #define JOB_ID_MAX 1024
 
 struct buffer {
@@ -211,75 +235,54 @@ static void signature_hash(const struct download_file *file, uint8_t out[HASH_LE
                 SHA256((const uint8_t *) file->signature, strlen(file->signature), out);
 }
 
-int blockmap_save(const struct blockmap *m, const struct download_file *file, const char *path) {
+static bool is_subset(const struct blockmap *sub, const struct blockmap *m) {
+        for (size_t i = 0; i < m->n_bytes; i++)
+                if (sub->bits[i] & ~m->bits[i])
+                        return false;
+        return true;
+}
+
+int blockmap_save(const struct blockmap *written, const struct blockmap *durable, sd_id128_t boot_id,
+                  const struct download_file *file, const char *path, bool sync) {
         _cleanup_free_ uint8_t *data = NULL;
         size_t job_len = file->job_id ? strlen(file->job_id) : 0;
         uint8_t sig[HASH_LEN];
         struct buffer b;
 
-        if (job_len > JOB_ID_MAX)
+        if (job_len > JOB_ID_MAX || written->file_size != durable->file_size ||
+            written->block_size != durable->block_size || !is_subset(durable, written))
                 return -EINVAL;
-        data = malloc(8 + 4 + 8 + 8 + 4 + HASH_LEN + 2 + job_len + 4 + m->n_bytes + HASH_LEN);
+        data = malloc(8 + 4 + 8 + 8 + 4 + HASH_LEN + 2 + job_len + BOOT_ID_LEN + 4 + 2 * written->n_bytes + HASH_LEN);
         if (!data)
                 return -ENOMEM;
         b = (struct buffer){ .data = data };
 
         put_raw(&b, MAGIC, 8);
-        put_le(&b, m->block_size, 4);
-        put_le(&b, m->file_size, 8);
-        put_le(&b, m->n_blocks, 8);
+        put_le(&b, written->block_size, 4);
+        put_le(&b, written->file_size, 8);
+        put_le(&b, written->n_blocks, 8);
         put_le(&b, file->file_index, 4);
         signature_hash(file, sig);
         put_raw(&b, sig, HASH_LEN);
         put_le(&b, job_len, 2);
         if (job_len > 0)
                 put_raw(&b, file->job_id, job_len);
-        put_le(&b, m->n_bytes, 4);
-        put_raw(&b, m->bits, m->n_bytes);
+        put_raw(&b, boot_id.bytes, BOOT_ID_LEN);
+        put_le(&b, written->n_bytes, 4);
+        put_raw(&b, written->bits, written->n_bytes);
+        put_raw(&b, durable->bits, durable->n_bytes);
         SHA256(b.data, b.len, b.data + b.len);
         b.len += HASH_LEN;
 
-        return write_file_atomic(path, b.data, b.len, 0600);
+        /* Without sync the record survives the process dying, not a power
+         * cut; the boot id tells its reader which of the two happened. */
+        return sync ? write_file_atomic(path, b.data, b.len, 0600) : write_file_replace(path, b.data, b.len, 0600);
 }
 
-int blockmap_load(const char *path, const struct download_file *file, struct blockmap **ret) {
-        _cleanup_free_ char *raw = NULL;
+static int map_from_bits(uint64_t file_size, uint64_t block_size, uint64_t n_blocks, const uint8_t *bits,
+                         uint64_t n_bytes, struct blockmap **ret) {
         struct blockmap *m = NULL;
-        uint64_t block_size, file_size, n_blocks, file_index, job_len, n_bytes;
-        uint8_t sum[HASH_LEN], sig[HASH_LEN];
-        const uint8_t *magic, *saved_sig, *job, *bits;
-        struct buffer b;
-        size_t size;
-        bool same;
         int r;
-
-        /* 16M blocks (4 GiB at 256 bytes) is a 2 MiB bitmap; allow more. */
-        r = read_file_full(path, 64u << 20, &raw, &size);
-        if (r == -EFBIG)
-                return -EBADMSG;
-        if (r < 0)
-                return r;
-        if (size < 8 + HASH_LEN)
-                return -EBADMSG;
-        SHA256((const uint8_t *) raw, size - HASH_LEN, sum);
-        if (memcmp(sum, raw + size - HASH_LEN, HASH_LEN) != 0)
-                return -EBADMSG;
-
-        b = (struct buffer){ .data = (uint8_t *) raw, .len = size - HASH_LEN };
-        magic = get_raw(&b, 8);
-        if (!magic || memcmp(magic, MAGIC, 8) != 0)
-                return -EBADMSG;
-        if (!get_le(&b, 4, &block_size) || !get_le(&b, 8, &file_size) || !get_le(&b, 8, &n_blocks) ||
-            !get_le(&b, 4, &file_index) || !(saved_sig = get_raw(&b, HASH_LEN)) || !get_le(&b, 2, &job_len) ||
-            !(job = get_raw(&b, job_len)) || !get_le(&b, 4, &n_bytes) || !(bits = get_raw(&b, n_bytes)) ||
-            b.pos != b.len)
-                return -EBADMSG;
-
-        signature_hash(file, sig);
-        same = file_index == file->file_index && file_size == file->size && memcmp(saved_sig, sig, HASH_LEN) == 0 &&
-               job_len == (file->job_id ? strlen(file->job_id) : 0) && memcmp(job, file->job_id ? file->job_id : "", job_len) == 0;
-        if (!same)
-                return -ESTALE;
 
         if (block_size == 0 || block_size > UINT32_MAX)
                 return -EBADMSG;
@@ -298,7 +301,78 @@ int blockmap_load(const char *path, const struct download_file *file, struct blo
         }
         for (size_t i = 0; i < m->n_bytes; i++)
                 m->count += (uint64_t) __builtin_popcount(m->bits[i]);
-
         *ret = m;
+        return 0;
+}
+
+int blockmap_load(const char *path, const struct download_file *file, sd_id128_t boot_id, struct blockmap **ret,
+                  struct blockmap **ret_durable) {
+        _cleanup_free_ char *raw = NULL;
+        struct blockmap *written = NULL, *durable = NULL;
+        uint64_t block_size, file_size, n_blocks, file_index, job_len, n_bytes;
+        uint8_t sum[HASH_LEN], sig[HASH_LEN];
+        const uint8_t *magic, *saved_sig, *job, *saved_boot = NULL, *bits, *durable_bits;
+        struct buffer b;
+        size_t size;
+        bool same, v1;
+        int r;
+
+        /* 16M blocks (4 GiB at 256 bytes) is two 2 MiB bitmaps; allow more. */
+        r = read_file_full(path, 64u << 20, &raw, &size);
+        if (r == -EFBIG)
+                return -EBADMSG;
+        if (r < 0)
+                return r;
+        if (size < 8 + HASH_LEN)
+                return -EBADMSG;
+        SHA256((const uint8_t *) raw, size - HASH_LEN, sum);
+        if (memcmp(sum, raw + size - HASH_LEN, HASH_LEN) != 0)
+                return -EBADMSG;
+
+        b = (struct buffer){ .data = (uint8_t *) raw, .len = size - HASH_LEN };
+        magic = get_raw(&b, 8);
+        if (!magic || (memcmp(magic, MAGIC, 8) != 0 && memcmp(magic, MAGIC_V1, 8) != 0))
+                return -EBADMSG;
+        v1 = memcmp(magic, MAGIC_V1, 8) == 0;
+        if (!get_le(&b, 4, &block_size) || !get_le(&b, 8, &file_size) || !get_le(&b, 8, &n_blocks) ||
+            !get_le(&b, 4, &file_index) || !(saved_sig = get_raw(&b, HASH_LEN)) || !get_le(&b, 2, &job_len) ||
+            !(job = get_raw(&b, job_len)) || (!v1 && !(saved_boot = get_raw(&b, BOOT_ID_LEN))) ||
+            !get_le(&b, 4, &n_bytes) || !(bits = get_raw(&b, n_bytes)))
+                return -EBADMSG;
+        durable_bits = v1 ? bits : get_raw(&b, n_bytes);
+        if (!durable_bits || b.pos != b.len)
+                return -EBADMSG;
+
+        signature_hash(file, sig);
+        same = file_index == file->file_index && file_size == file->size && memcmp(saved_sig, sig, HASH_LEN) == 0 &&
+               job_len == (file->job_id ? strlen(file->job_id) : 0) && memcmp(job, file->job_id ? file->job_id : "", job_len) == 0;
+        if (!same)
+                return -ESTALE;
+
+        r = map_from_bits(file_size, block_size, n_blocks, bits, n_bytes, &written);
+        if (r < 0)
+                return r;
+        r = map_from_bits(file_size, block_size, n_blocks, durable_bits, n_bytes, &durable);
+        if (r < 0 || !is_subset(durable, written)) {
+                blockmap_free(written);
+                blockmap_free(durable);
+                return r < 0 ? r : -EBADMSG;
+        }
+
+        /* Another boot: the page cache that held the blocks written but not
+         * synced is gone (a power cut, or a reboot we cannot tell from one). */
+        if (!saved_boot || sd_id128_is_null(boot_id) || memcmp(saved_boot, boot_id.bytes, BOOT_ID_LEN) != 0) {
+                blockmap_free(written);
+                written = blockmap_copy(durable);
+                if (!written) {
+                        blockmap_free(durable);
+                        return -ENOMEM;
+                }
+        }
+        *ret = written;
+        if (ret_durable)
+                *ret_durable = durable;
+        else
+                blockmap_free(durable);
         return 0;
 }

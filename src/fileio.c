@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -94,7 +95,7 @@ int fsync_parent_directory(const char *path) {
         return fsync_directory(dir);
 }
 
-int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode) {
+static int replace_file(const char *path, const void *data, size_t len, mode_t mode, bool durable) {
         _cleanup_free_ char *tmp = NULL;
         _cleanup_close_ int fd = -1;
         int r;
@@ -111,7 +112,7 @@ int write_file_atomic(const char *path, const void *data, size_t len, mode_t mod
         r = write_all(fd, data, len);
         if (r < 0)
                 goto fail;
-        if (fsync(fd) < 0) {
+        if (durable && fsync(fd) < 0) {
                 r = -errno;
                 goto fail;
         }
@@ -124,11 +125,19 @@ int write_file_atomic(const char *path, const void *data, size_t len, mode_t mod
                 goto fail;
         }
         /* The rename is only durable once the directory entry is. */
-        return fsync_parent_directory(path);
+        return durable ? fsync_parent_directory(path) : 0;
 
 fail:
         (void) unlink(tmp);
         return r;
+}
+
+int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode) {
+        return replace_file(path, data, len, mode, true);
+}
+
+int write_file_replace(const char *path, const void *data, size_t len, mode_t mode) {
+        return replace_file(path, data, len, mode, false);
 }
 
 int read_file_full(const char *path, size_t max_size, char **ret_data, size_t *ret_size) {

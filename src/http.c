@@ -11,21 +11,26 @@
 #include <curl/curl.h>
 #include <openssl/evp.h>
 #include <systemd/sd-event.h>
+#include <systemd/sd-id128.h>
 
+#include "backoff.h"
+#include "clock.h"
 #include "config.h"
 #include "fileio.h"
 #include "http.h"
 #include "log.h"
 #include "macro.h"
 
-#define USEC_PER_MSEC UINT64_C(1000)
-#define USEC_PER_SEC UINT64_C(1000000)
-
-/* Progress is made durable (target sync + record) once a second when at
- * least PERSIST_BYTES came in, else every PERSIST_IDLE_USEC: a restart
- * re-downloads at most about a second's worth (or 1 MiB on a slow link),
- * and neither a fast link (a sync per MiB costs 4/5 of the throughput on
- * disk) nor a slow one (flash wear) pays a sync per chunk. */
+/* Progress records (download.h). The bytes written are recorded every
+ * RECORD_BYTES or RECORD_USEC without a flush: a kill -9 re-downloads at
+ * most that plus what was on its way. Progress is made durable (target
+ * sync + record with fsync) once a second when at least PERSIST_BYTES came
+ * in, else every PERSIST_IDLE_USEC: a power cut re-downloads at most about
+ * a second's worth (or 10 s on a slow link), and neither a fast link (a
+ * sync per MiB costs 4/5 of the throughput on disk) nor a slow one (flash
+ * wear) pays a sync per chunk. */
+#define RECORD_BYTES (UINT64_C(256) << 10)
+#define RECORD_USEC (200 * USEC_PER_MSEC)
 #define PERSIST_BYTES (UINT64_C(1) << 20)
 #define PERSIST_USEC (1 * USEC_PER_SEC)
 #define PERSIST_IDLE_USEC (10 * USEC_PER_SEC)
@@ -97,10 +102,14 @@ struct http_download {
         char curl_error[CURL_ERROR_SIZE];
 
         uint64_t offset;
-        uint64_t persisted;
+        uint64_t persisted;    /* durable: synced, then recorded with fsync */
         uint64_t persisted_at; /* CLOCK_MONOTONIC usec */
+        uint64_t recorded;     /* the record's count for this boot */
+        uint64_t recorded_at;
+        sd_id128_t boot_id;    /* null: unknown, durable records only */
         uint64_t offset_at_refresh;
         unsigned failures; /* consecutive attempts without progress */
+        struct backoff backoff;
         unsigned refreshes_without_progress;
         long refused_code; /* the HTTP status that made us ask for a URL */
         struct http_download_stats stats;
@@ -148,18 +157,27 @@ out:
         return r;
 }
 
-/* The progress record: identity lines, the contiguous offset, and a
- * SHA-256 over everything before it, so a torn or edited record is
- * recognised and the download starts from 0 instead of trusting it. */
+/* The progress record: identity lines, the bytes written in boot boot_id
+ * (true as long as that boot lasts), the bytes durable (synced before the
+ * record said so: true after a power cut) and a SHA-256 over everything
+ * before it, so a torn or edited record is recognised and the download
+ * starts from 0 instead of trusting it. Version 1 had only offset=, always
+ * durable. */
 static int record_format(const char *job_id, unsigned file_index, uint64_t size, const char *sig_sha256,
-                         uint64_t offset, char **ret) {
+                         const char *boot_id, uint64_t written, uint64_t offset, char **ret) {
         _cleanup_free_ char *body = NULL;
         char sum[65];
         int r;
 
-        if (asprintf(&body, RECORD_MAGIC "version=1\njob_id=%s\nfile_index=%u\nsize=%" PRIu64
-                     "\nsignature_sha256=%s\noffset=%" PRIu64 "\n",
-                     job_id, file_index, size, sig_sha256, offset) < 0)
+        if (boot_id)
+                r = asprintf(&body, RECORD_MAGIC "version=2\njob_id=%s\nfile_index=%u\nsize=%" PRIu64
+                             "\nsignature_sha256=%s\nboot_id=%s\nwritten=%" PRIu64 "\noffset=%" PRIu64 "\n",
+                             job_id, file_index, size, sig_sha256, boot_id, written, offset);
+        else
+                r = asprintf(&body, RECORD_MAGIC "version=1\njob_id=%s\nfile_index=%u\nsize=%" PRIu64
+                             "\nsignature_sha256=%s\noffset=%" PRIu64 "\n",
+                             job_id, file_index, size, sig_sha256, offset);
+        if (r < 0)
                 return -ENOMEM;
         r = sha256_hex(body, strlen(body), sum);
         if (r < 0)
@@ -182,33 +200,56 @@ static bool parse_u64(const char *s, uint64_t *ret) {
         return true;
 }
 
-/* Returns the offset a record at path grants to this identity, 0 when it
- * is missing, damaged or about something else. Rather than trusting keys
- * one by one, the record this identity would have at the claimed offset is
+/* The value of "\nkey=" in text, up to the end of its line; NULL if none. */
+static char *record_value(const char *text, const char *key) {
+        _cleanup_free_ char *needle = NULL;
+        const char *p;
+
+        if (asprintf(&needle, "\n%s=", key) < 0)
+                return NULL;
+        p = strstr(text, needle);
+        if (!p)
+                return NULL;
+        p += strlen(needle);
+        return strndup(p, strcspn(p, "\n"));
+}
+
+/* What a record at path grants to this identity: *ret_offset the bytes to
+ * resume from (written when the record was made in this boot, else
+ * durable), *ret_durable the durable ones; both 0 when the record is
+ * missing, damaged or about something else. Rather than trusting keys one
+ * by one, the record this identity would have with the claimed values is
  * rebuilt and compared byte for byte: any difference in identity, format
  * or checksum means "not ours". */
-static uint64_t record_resume_offset(const char *path, const char *job_id, unsigned file_index,
-                                     uint64_t size, const char *sig_sha256) {
-        _cleanup_free_ char *text = NULL, *want = NULL, *num = NULL;
-        const char *line;
-        uint64_t offset = 0;
+static void record_resume_offset(const char *path, const char *job_id, unsigned file_index, uint64_t size,
+                                 const char *sig_sha256, const char *boot_id, uint64_t *ret_offset,
+                                 uint64_t *ret_durable) {
+        _cleanup_free_ char *text = NULL, *want = NULL, *offset_text = NULL, *written_text = NULL,
+                                    *boot_text = NULL;
+        uint64_t offset = 0, written = 0;
 
+        *ret_offset = *ret_durable = 0;
         if (!path || read_file_full(path, RECORD_MAX, &text, NULL) < 0)
-                return 0;
-        line = strstr(text, "\noffset=");
-        if (!line)
-                return 0;
-        num = strndup(line + strlen("\noffset="), 24);
-        if (!num)
-                return 0;
-        num[strcspn(num, "\n")] = '\0';
-        if (!parse_u64(num, &offset) || offset > size)
-                return 0;
-        if (record_format(job_id, file_index, size, sig_sha256, offset, &want) < 0)
-                return 0;
-        if (strcmp(text, want) != 0)
-                return 0;
-        return offset;
+                return;
+        offset_text = record_value(text, "offset");
+        if (!offset_text || !parse_u64(offset_text, &offset) || offset > size)
+                return;
+        written_text = record_value(text, "written");
+        boot_text = record_value(text, "boot_id");
+        if (written_text && boot_text) {
+                if (!parse_u64(written_text, &written) || written > size || written < offset ||
+                    record_format(job_id, file_index, size, sig_sha256, boot_text, written, offset, &want) < 0 ||
+                    strcmp(text, want) != 0)
+                        return;
+                *ret_durable = offset;
+                /* Another boot: the page cache that held the bytes written
+                 * but not synced is gone (a power cut, or a reboot). */
+                *ret_offset = boot_id && strcmp(boot_text, boot_id) == 0 ? written : offset;
+                return;
+        }
+        if (record_format(job_id, file_index, size, sig_sha256, NULL, 0, offset, &want) < 0 || strcmp(text, want) != 0)
+                return;
+        *ret_offset = *ret_durable = offset;
 }
 
 static bool identity_storable(const char *s) {
@@ -218,26 +259,52 @@ static bool identity_storable(const char *s) {
         return true;
 }
 
+/* The running boot's id as text, "" when it cannot be read (then records
+ * count durable bytes only). */
+static void boot_id_text(sd_id128_t *ret_id, char ret[static SD_ID128_STRING_MAX]) {
+        if (sd_id128_get_boot(ret_id) < 0)
+                *ret_id = SD_ID128_NULL;
+        if (sd_id128_is_null(*ret_id))
+                ret[0] = '\0';
+        else
+                sd_id128_to_string(*ret_id, ret);
+}
+
 uint64_t http_progress_resume_offset(const struct download_file *file) {
-        char sig[65];
+        char sig[65], boot[SD_ID128_STRING_MAX];
         const char *s = file->signature ? file->signature : "";
+        uint64_t offset, durable;
+        sd_id128_t id;
 
         if (!file->state_path || !file->job_id || !identity_storable(file->job_id) ||
             sha256_hex(s, strlen(s), sig) < 0)
                 return 0;
-        return record_resume_offset(file->state_path, file->job_id, file->file_index, file->size, sig);
+        boot_id_text(&id, boot);
+        record_resume_offset(file->state_path, file->job_id, file->file_index, file->size, sig,
+                             boot[0] ? boot : NULL, &offset, &durable);
+        return offset;
 }
 
-static int record_write(struct http_download *d, uint64_t offset) {
+/* A record of written bytes (in this boot) and durable ones. sync: the
+ * record itself durable too; else it survives a kill, not a power cut. */
+static int record_write(struct http_download *d, uint64_t written, uint64_t durable, bool sync) {
         _cleanup_free_ char *text = NULL;
+        char boot[SD_ID128_STRING_MAX] = "";
         int r;
 
         if (!d->state_path)
                 return 0;
-        r = record_format(d->job_id, d->file_index, d->size, d->signature_sha256, offset, &text);
+        if (!sd_id128_is_null(d->boot_id))
+                sd_id128_to_string(d->boot_id, boot);
+        else
+                written = durable;
+        r = record_format(d->job_id, d->file_index, d->size, d->signature_sha256, boot[0] ? boot : NULL, written,
+                          durable, &text);
         if (r < 0)
                 return r;
-        return write_file_atomic(d->state_path, text, strlen(text), 0600);
+        if (sync)
+                return write_file_atomic(d->state_path, text, strlen(text), 0600);
+        return write_file_replace(d->state_path, text, strlen(text), 0600);
 }
 
 static uint64_t now_usec(struct http_download *d) {
@@ -247,23 +314,53 @@ static uint64_t now_usec(struct http_download *d) {
 }
 
 /* Data reaches the target and is synced before the record that counts it
- * (issue 5: "data ... synced before the bitmap that records it"). */
+ * as durable (download.h). */
 static int progress_save(struct http_download *d) {
         int r;
 
-        if (d->offset == d->persisted)
+        if (d->offset == d->persisted && d->offset == d->recorded)
                 return 0;
         if (d->offset > d->persisted && d->ops->sync) {
                 r = d->ops->sync(d->userdata);
                 if (r < 0)
                         return r;
         }
-        r = record_write(d, d->offset);
+        r = record_write(d, d->offset, d->offset, true);
         if (r < 0)
                 return r;
-        d->persisted = d->offset;
-        d->persisted_at = now_usec(d);
+        d->persisted = d->recorded = d->offset;
+        d->persisted_at = d->recorded_at = now_usec(d);
         d->stats.persisted = d->persisted;
+        return 0;
+}
+
+/* What a kill -9 would resume from, without a sync: the bytes written are
+ * with the kernel (download_ops.write), the record says so for this boot. */
+static int progress_record(struct http_download *d) {
+        int r;
+
+        if (d->offset == d->recorded || sd_id128_is_null(d->boot_id))
+                return 0;
+        r = record_write(d, d->offset, d->persisted, false);
+        if (r < 0)
+                return r;
+        d->recorded = d->offset;
+        d->recorded_at = now_usec(d);
+        return 0;
+}
+
+/* The bytes are back at 0 (the server ignored Range, or the object is not
+ * the one the record was for): a record that counts none of them. */
+static int progress_reset(struct http_download *d) {
+        int r;
+
+        d->offset = 0;
+        d->stats.restarts++;
+        r = record_write(d, 0, 0, true);
+        if (r < 0)
+                return r;
+        d->persisted = d->recorded = 0;
+        d->stats.persisted = 0;
         return 0;
 }
 
@@ -284,6 +381,19 @@ static void finish(struct http_download *d, int result, const char *reason) {
                         "HTTPS download of %s complete: %" PRIu64 " bytes, %u requests, %u retries, %u fresh URLs",
                         d->url_log, d->size, d->stats.requests, d->stats.retries, d->stats.url_refreshes);
         d->ops->finished(result, reason, d->userdata);
+}
+
+/* finish() with a reason formatted like a log line: %m names -error. */
+__attribute__((format(printf, 3, 4)))
+static void finish_errno(struct http_download *d, int error, const char *format, ...) {
+        char reason[512];
+        va_list ap;
+
+        errno = error < 0 ? -error : error;
+        va_start(ap, format);
+        vsnprintf(reason, sizeof(reason), format, ap);
+        va_end(ap);
+        finish(d, error, reason);
 }
 
 static int arm_attempt_timer(struct http_download *d, uint64_t delay_usec) {
@@ -348,7 +458,7 @@ static int on_attempt_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         }
         r = start_request(d);
         if (r < 0)
-                finish(d, r, "cannot start the HTTPS request");
+                finish_errno(d, r, "failed to start the HTTPS request for %s: %m", d->url_log);
         return 0;
 }
 
@@ -359,8 +469,10 @@ static void retry_or_fail(struct http_download *d, int error, const char *what) 
         /* A request that moved the download on substantially starts the
          * budget afresh; a server trickling a few bytes per connection does
          * not, or it could keep us retrying for the whole file. */
-        if (d->offset >= d->request_offset + PROGRESS_RESETS_RETRIES)
+        if (d->offset >= d->request_offset + PROGRESS_RESETS_RETRIES) {
                 d->failures = 0;
+                backoff_reset(&d->backoff);
+        }
         d->failures++;
         if (d->failures > (unsigned) d->otad->config->ota.http_retries) {
                 snprintf(reason, sizeof(reason), "%s (gave up after %u retries)", what, d->failures - 1);
@@ -368,9 +480,7 @@ static void retry_or_fail(struct http_download *d, int error, const char *what) 
                 return;
         }
 
-        uint64_t delay = BACKOFF_MIN_USEC << (d->failures - 1 < 16 ? d->failures - 1 : 16);
-        if (delay > BACKOFF_MAX_USEC)
-                delay = BACKOFF_MAX_USEC;
+        uint64_t delay = backoff_next(&d->backoff);
         d->stats.retries++;
         log_full(LOG_WARNING, 0, &(const struct log_fields){ .job_id = d->job_id, .stage = "download" },
                  "HTTPS download of %s interrupted at %" PRIu64 "/%" PRIu64 " bytes: %s; retry %u/%" PRId64
@@ -379,19 +489,21 @@ static void retry_or_fail(struct http_download *d, int error, const char *what) 
                  delay / USEC_PER_MSEC);
         r = schedule_attempt(d, delay);
         if (r < 0)
-                finish(d, r, "cannot schedule a retry");
+                finish_errno(d, r, "failed to schedule a retry: %m");
 }
 
 static void ask_for_fresh_url(struct http_download *d, long code) {
-        char reason[128];
+        char reason[512];
         int r;
 
         if (d->offset > d->offset_at_refresh)
                 d->refreshes_without_progress = 0;
         d->offset_at_refresh = d->offset;
         if (++d->refreshes_without_progress > REFRESHES_WITHOUT_PROGRESS_MAX) {
-                snprintf(reason, sizeof(reason), "URL refused with HTTP %ld after %u fresh URLs", code,
-                         REFRESHES_WITHOUT_PROGRESS_MAX);
+                snprintf(reason, sizeof(reason),
+                         "HTTPS server refused %s with HTTP %ld after %u fresh URLs in a row brought no byte "
+                         "(expected 206 for a presigned URL the job just handed out)",
+                         d->url_log, code, REFRESHES_WITHOUT_PROGRESS_MAX);
                 finish(d, -EACCES, reason);
                 return;
         }
@@ -400,7 +512,7 @@ static void ask_for_fresh_url(struct http_download *d, long code) {
         d->stats.url_refreshes++;
         r = arm_attempt_timer(d, NEED_URL_TIMEOUT_USEC);
         if (r < 0) {
-                finish(d, r, "cannot arm the fresh-URL timeout");
+                finish_errno(d, r, "failed to arm the fresh-URL timeout: %m");
                 return;
         }
         log_job(LOG_NOTICE, d->job_id, "download",
@@ -418,7 +530,7 @@ static bool tls_trust_error(CURLcode res) {
 /* One request ended: decide what comes next. Every path ends in finish(),
  * a scheduled attempt or a fresh-URL request. */
 static void request_done(struct http_download *d, CURLcode res) {
-        char what[CURL_ERROR_SIZE + 64];
+        char what[CURL_ERROR_SIZE + 512];
         long code = 0;
         int r;
 
@@ -435,7 +547,7 @@ static void request_done(struct http_download *d, CURLcode res) {
                 return;
         }
         if (r < 0) {
-                finish(d, r, "cannot persist download progress");
+                finish_errno(d, r, "failed to save download progress to %s: %m", d->state_path);
                 return;
         }
         /* protocol.md §4: 400/403/404 mean the presigned URL stopped working. */
@@ -445,21 +557,22 @@ static void request_done(struct http_download *d, CURLcode res) {
         }
         if (code == 416) {
                 if (d->request_offset == 0) {
-                        finish(d, -EMSGSIZE, "server has fewer bytes than filesize (HTTP 416)");
+                        snprintf(what, sizeof(what),
+                                 "server has no bytes at offset 0 (HTTP 416), the job's filesize is %" PRIu64
+                                 " bytes; the object and the job document disagree", d->size);
+                        finish(d, -EMSGSIZE, what);
                         return;
                 }
                 /* Our offset is past the server's end: the object is not
                  * the one the record was for. Start again at 0. */
-                d->offset = 0;
-                r = record_write(d, 0);
+                r = progress_reset(d);
                 if (r < 0) {
-                        finish(d, r, "cannot persist download progress");
+                        finish_errno(d, r, "failed to save download progress to %s: %m", d->state_path);
                         return;
                 }
-                d->persisted = 0;
-                d->stats.persisted = 0;
-                d->stats.restarts++;
-                retry_or_fail(d, -EPROTO, "HTTP 416 for a resumed range");
+                snprintf(what, sizeof(what), "server has no bytes from %" PRIu64 " on (HTTP 416), below filesize %" PRIu64,
+                         d->request_offset, d->size);
+                retry_or_fail(d, -EPROTO, what);
                 return;
         }
         if (res == CURLE_OK && (code == 200 || code == 206)) {
@@ -472,18 +585,21 @@ static void request_done(struct http_download *d, CURLcode res) {
                 return;
         }
         if (code >= 300 && code != 408 && code != 429 && code < 500) {
-                snprintf(what, sizeof(what), "HTTP %ld", code);
+                snprintf(what, sizeof(what), "HTTPS server answered HTTP %ld, expected 200 or 206", code);
                 finish(d, -EPROTO, what);
                 return;
         }
         if (tls_trust_error(res)) {
-                snprintf(what, sizeof(what), "server certificate not trusted: %s",
+                snprintf(what, sizeof(what), "server certificate not trusted (checked against %s): %s",
+                         d->otad->config->ota.http_ca_file && d->otad->config->ota.http_ca_file[0]
+                                 ? d->otad->config->ota.http_ca_file
+                                 : "the system's CA certificates",
                          d->curl_error[0] ? d->curl_error : curl_easy_strerror(res));
                 finish(d, -EKEYREJECTED, what);
                 return;
         }
         if (code >= 400)
-                snprintf(what, sizeof(what), "HTTP %ld", code);
+                snprintf(what, sizeof(what), "HTTPS server answered HTTP %ld, expected 200 or 206", code);
         else
                 snprintf(what, sizeof(what), "%s", d->curl_error[0] ? d->curl_error : curl_easy_strerror(res));
         retry_or_fail(d, res == CURLE_OPERATION_TIMEDOUT ? -ETIMEDOUT : -EIO, what);
@@ -596,6 +712,7 @@ __attribute__((format(printf, 3, 4)))
 static size_t abort_body(struct http_download *d, int error, const char *format, ...) {
         va_list ap;
 
+        errno = error < 0 ? -error : error; /* for %m */
         va_start(ap, format);
         vsnprintf(d->abort_reason, sizeof(d->abort_reason), format, ap);
         va_end(ap);
@@ -616,12 +733,13 @@ static size_t check_response(struct http_download *d) {
         }
         if (code == 206) {
                 if (!d->have_content_range)
-                        return abort_body(d, -EPROTO, "206 without a Content-Range");
+                        return abort_body(d, -EPROTO, "server answered 206 without a valid Content-Range, expected "
+                                          "one for bytes %" PRIu64 "- of %" PRIu64, d->request_offset, d->size);
                 if (d->range_total != UINT64_MAX && d->range_total != d->size)
-                        return abort_body(d, -EMSGSIZE, "server has %" PRIu64 " bytes, filesize is %" PRIu64,
-                                          d->range_total, d->size);
+                        return abort_body(d, -EMSGSIZE, "server has %" PRIu64 " bytes, filesize is %" PRIu64
+                                          "; the object and the job document disagree", d->range_total, d->size);
                 if (d->range_start != d->request_offset)
-                        return abort_body(d, -EPROTO, "asked for bytes from %" PRIu64 ", got them from %" PRIu64,
+                        return abort_body(d, -EPROTO, "asked for bytes from %" PRIu64 ", the server sent them from %" PRIu64,
                                           d->request_offset, d->range_start);
                 d->body = BODY_WRITE;
                 return 1;
@@ -629,22 +747,18 @@ static size_t check_response(struct http_download *d) {
 
         (void) curl_easy_getinfo(d->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &length);
         if (length >= 0 && (uint64_t) length != d->size)
-                return abort_body(d, -EMSGSIZE, "server has %" PRId64 " bytes, filesize is %" PRIu64,
-                                  (int64_t) length, d->size);
+                return abort_body(d, -EMSGSIZE, "server has %" PRId64 " bytes, filesize is %" PRIu64
+                                  "; the object and the job document disagree", (int64_t) length, d->size);
         if (d->request_offset > 0) {
                 /* A 200 to a Range request: the server ignored the range and
                  * sends the file from byte 0. Count nothing of before until
                  * it is written again. */
                 log_job(LOG_NOTICE, d->job_id, "download",
                         "HTTPS server ignored Range for %s, downloading again from 0", d->url_log);
-                d->offset = 0;
                 d->request_offset = 0;
-                d->stats.restarts++;
-                r = record_write(d, 0);
+                r = progress_reset(d);
                 if (r < 0)
-                        return abort_body(d, r, "cannot persist download progress");
-                d->persisted = 0;
-                d->stats.persisted = 0;
+                        return abort_body(d, r, "failed to save download progress to %s: %m", d->state_path);
         }
         d->body = BODY_WRITE;
         return 1;
@@ -663,22 +777,26 @@ static size_t curl_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata
         }
 
         if (len > d->size - d->offset)
-                return abort_body(d, -EMSGSIZE, "server sent more than filesize (%" PRIu64 " bytes)", d->size);
+                return abort_body(d, -EMSGSIZE, "server sent more than filesize (%" PRIu64
+                                  " bytes); the object and the job document disagree", d->size);
         r = d->ops->write(d->offset, ptr, len, d->userdata);
         if (r < 0)
-                return abort_body(d, r, "cannot write to the target: %s", strerror(-r));
+                return abort_body(d, r, "failed to write %zu bytes at offset %" PRIu64 " to the target: %m", len,
+                                  d->offset);
         d->offset += len;
         d->stats.offset = d->offset;
         d->stats.bytes_received += len;
         if (d->ops->progress)
                 d->ops->progress(d->offset, d->size, d->userdata);
 
-        uint64_t since = now_usec(d) - d->persisted_at;
-        if ((since >= PERSIST_USEC && d->offset - d->persisted >= PERSIST_BYTES) || since >= PERSIST_IDLE_USEC) {
+        uint64_t now = now_usec(d), since = now - d->persisted_at;
+        r = 0;
+        if ((since >= PERSIST_USEC && d->offset - d->persisted >= PERSIST_BYTES) || since >= PERSIST_IDLE_USEC)
                 r = progress_save(d);
-                if (r < 0)
-                        return abort_body(d, r, "cannot persist download progress: %s", strerror(-r));
-        }
+        else if (d->offset - d->recorded >= RECORD_BYTES || now - d->recorded_at >= RECORD_USEC)
+                r = progress_record(d);
+        if (r < 0)
+                return abort_body(d, r, "failed to save download progress to %s: %m", d->state_path);
         return len;
 }
 
@@ -774,9 +892,13 @@ static int easy_setup(struct http_download *d) {
         return ok ? 0 : -EINVAL;
 }
 
+/* -EINVAL for anything but https://: presigned S3 URLs are, and a plain or
+ * local URL would skip the server's authentication. */
 static int url_check(const char *url, char **ret_log) {
-        if (!url || strncasecmp(url, "https://", 8) != 0)
+        if (!url || strncasecmp(url, "https://", 8) != 0) {
+                log_error("Refusing download URL: only https:// URLs are accepted");
                 return -EINVAL;
+        }
         return http_url_for_log(url, ret_log);
 }
 
@@ -829,6 +951,7 @@ int http_download_new(struct otad *otad, const char *url, const struct download_
         d->otad = otad;
         d->ops = ops;
         d->userdata = userdata;
+        d->backoff = BACKOFF_INIT(BACKOFF_MIN_USEC, BACKOFF_MAX_USEC);
         d->file_index = file->file_index;
         d->size = file->size;
         d->stats.size = file->size;
@@ -871,20 +994,25 @@ int http_download_new(struct otad *otad, const char *url, const struct download_
         if (r < 0)
                 return r;
 
-        d->offset = d->state_path ? record_resume_offset(d->state_path, d->job_id, d->file_index, d->size,
-                                                         d->signature_sha256)
-                                  : 0;
-        d->persisted = d->offset;
-        d->persisted_at = now_usec(d);
+        char boot[SD_ID128_STRING_MAX];
+
+        boot_id_text(&d->boot_id, boot);
+        if (d->state_path)
+                record_resume_offset(d->state_path, d->job_id, d->file_index, d->size, d->signature_sha256,
+                                     boot[0] ? boot : NULL, &d->offset, &d->persisted);
+        d->recorded = d->offset;
+        d->persisted_at = d->recorded_at = now_usec(d);
         d->offset_at_refresh = d->offset;
-        d->stats.offset = d->stats.persisted = d->stats.resumed_from = d->offset;
+        d->stats.offset = d->stats.resumed_from = d->offset;
+        d->stats.persisted = d->persisted;
         if (d->offset > 0)
-                log_job(LOG_INFO, d->job_id, "download", "Resuming HTTPS download of %s at %" PRIu64 "/%" PRIu64 " bytes",
-                        d->url_log, d->offset, d->size);
+                log_job(LOG_INFO, d->job_id, "download",
+                        "Resuming HTTPS download of %s at %" PRIu64 "/%" PRIu64 " bytes (%" PRIu64 " of them synced)",
+                        d->url_log, d->offset, d->size, d->persisted);
         else {
                 /* A record for anything else must not survive to be
                  * mistaken for ours later. */
-                r = record_write(d, 0);
+                r = record_write(d, 0, 0, true);
                 if (r < 0)
                         return r;
         }

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "base64.h"
 #include "macro.h"
@@ -316,6 +317,20 @@ static int parse_protocols(const cJSON *afr, struct ota_document *doc, char *rea
         return 0;
 }
 
+/* The length of url's "scheme://" (or of its start, at most 16 printable
+ * bytes, when it has none): all of a URL that may be shown, since a
+ * presigned URL's query is a credential. */
+static int url_scheme_length(const char *url) {
+        const char *sep = strstr(url, "://");
+        int n = 0;
+
+        if (sep && sep - url <= 16)
+                return (int) (sep - url) + 3;
+        while (n < 16 && url[n] > 0x20 && url[n] < 0x7f && url[n] != '?')
+                n++;
+        return n;
+}
+
 /* A protocol the document lists but cannot serve (no stream name, a file
  * without URL) is dropped when the other one can; alone it is an error. */
 static int check_transport(struct ota_document *doc, char *reason, size_t reason_size) {
@@ -328,10 +343,20 @@ static int check_transport(struct ota_document *doc, char *reason, size_t reason
         }
         if (doc->protocols & OTA_DOCUMENT_HTTP)
                 for (size_t i = 0; i < doc->n_files; i++) {
-                        if (doc->files[i].update_data_url)
+                        const char *url = doc->files[i].update_data_url;
+
+                        /* Presigned S3 URLs are https://; anything else
+                         * (http://, file://) would skip the server's
+                         * authentication or read the device itself. */
+                        if (url && strncasecmp(url, "https://", 8) == 0)
                                 continue;
                         if (!(doc->protocols & OTA_DOCUMENT_MQTT)) {
-                                fail(reason, reason_size, "files[%zu].update_data_url: missing for HTTP", i);
+                                if (url)
+                                        fail(reason, reason_size,
+                                             "files[%zu].update_data_url: only https:// URLs are accepted, not %.*s",
+                                             i, url_scheme_length(url), url);
+                                else
+                                        fail(reason, reason_size, "files[%zu].update_data_url: missing for HTTP", i);
                                 return -EPROTONOSUPPORT;
                         }
                         doc->protocols &= ~(unsigned) OTA_DOCUMENT_HTTP;

@@ -5,9 +5,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#include "backoff.h"
 #include "blockmap.h"
+#include "clock.h"
 #include "config.h"
 #include "log.h"
 #include "macro.h"
@@ -21,17 +22,23 @@
 #define BLOCK_SIZE_MIN 256u
 #define BLOCK_SIZE_MAX 131072u
 #define REQUEST_BLOCKS_MAX (REQUEST_BYTES_MAX / BLOCK_SIZE_MIN)
-/* Progress is made durable every 1 MiB of blocks or every second, whichever
- * comes first: a kill -9 costs at most that plus the blocks in flight. */
+/* Progress records (download.h): the blocks written are recorded after
+ * every request's worth of new blocks (128 KiB) or RECORD_USEC, without a
+ * flush, so a kill -9 costs at most that plus the blocks in flight; the
+ * target is synced and the record made durable every 1 MiB or second,
+ * whichever comes first, which bounds what a power cut costs. */
+#define RECORD_USEC (200 * USEC_PER_MSEC)
 #define CHECKPOINT_BYTES (1u << 20)
-#define CHECKPOINT_USEC 1000000ull
-#define OFFLINE_POLL_USEC 1000000ull
-#define BACKOFF_MIN_USEC 1000000ull
-#define BACKOFF_MAX_USEC 30000000ull
+#define CHECKPOINT_USEC USEC_PER_SEC
+#define OFFLINE_POLL_USEC USEC_PER_SEC
+#define BACKOFF_MIN_USEC USEC_PER_SEC
+#define BACKOFF_MAX_USEC (30 * USEC_PER_SEC)
 
-#define QUIET_MIN_USEC 250000ull
-
-#define USEC_PER_SEC 1000000ull
+#define QUIET_MIN_USEC (250 * USEC_PER_MSEC)
+/* After a restart, answers to the killed run's requests may still be on
+ * their way (AWS delays what exceeds 512 KiB/s, up to a window's worth):
+ * take them before asking for anything, as long as they keep coming. */
+#define ADOPT_QUIET_USEC (300 * USEC_PER_MSEC)
 
 /* One GetStream request in flight: the blocks it asked for. */
 struct request_slot {
@@ -50,6 +57,7 @@ struct stream_download {
         struct otad *otad;
         struct mqtt_session *mqtt;
         unsigned file_id;
+        char *stream_name;
         char *topic_get, *topic_data, *topic_rejected;
         struct download_file file; /* strings owned */
         const struct download_ops *ops;
@@ -58,8 +66,10 @@ struct stream_download {
         struct mqtt_subscription *sub_data, *sub_rejected;
         bool data_ready, rejected_ready;
 
-        struct blockmap *received; /* durable meaning: written and (once saved) synced */
+        struct blockmap *received; /* written to the target */
+        struct blockmap *durable;  /* of those, synced before the last durable record */
         struct blockmap *inflight; /* asked for by an active slot */
+        sd_id128_t boot_id;        /* the boot "received" is true in; null: unknown, durable records only */
         uint32_t block_size;
         uint32_t request_blocks;   /* blocks per request: 128 KiB / block size */
         unsigned generation;       /* block-size changes, carried in the client token */
@@ -75,7 +85,11 @@ struct stream_download {
         unsigned momentum, momentum_max;
         bool silent;               /* a timeout passed without any new block: probe with one request */
         uint64_t blocks_at_last_timeout;
-        uint64_t backoff, backoff_until;
+        struct backoff backoff;
+        uint64_t backoff_until;
+        bool adopting;             /* resumed: taking answers to an earlier run's requests */
+        uint64_t adopt_started;    /* when subscribed; 0: not yet */
+        uint64_t adopt_until;      /* until then no request */
         bool offline;
         /* Tail loss: when the data goes quiet while requests are open, the
          * rest of them was lost; re-ask once after a few inter-block gaps
@@ -86,7 +100,9 @@ struct stream_download {
         uint64_t latency;          /* smoothed request -> first block; 0: unknown */
         bool quiet_armed;
 
-        uint64_t unsaved_blocks, unsaved_since, checkpoint_blocks;
+        /* New blocks not in any record yet, since when; and not durable yet. */
+        uint64_t unrecorded_blocks, unrecorded_since, record_blocks;
+        uint64_t undurable_blocks, undurable_since, checkpoint_blocks;
         bool save_failed_logged;
 
         sd_event_source *timer, *finish_source;
@@ -98,13 +114,6 @@ struct stream_download {
 };
 
 static void pump(struct stream_download *d);
-
-static uint64_t now_usec(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / 1000;
-}
 
 /* ---- ending ------------------------------------------------------------ */
 
@@ -131,6 +140,7 @@ static void finish(struct stream_download *d, int result, const char *format, ..
         if (format) {
                 va_list ap;
 
+                errno = result < 0 ? -result : 0; /* for %m */
                 va_start(ap, format);
                 vsnprintf(d->reason, sizeof d->reason, format, ap);
                 va_end(ap);
@@ -152,36 +162,56 @@ static void finish(struct stream_download *d, int result, const char *format, ..
         r = sd_event_add_defer(d->otad->event, &d->finish_source, on_finish_event, d);
         if (r < 0) {
                 /* Cannot defer: call it now rather than never. */
-                log_error("Failed to schedule the end of the stream transfer: %s", strerror(-r));
+                log_error_errno(r, "Failed to schedule the end of the stream transfer: %m");
                 d->ops->finished(d->result, d->reason[0] ? d->reason : NULL, d->userdata);
         }
 }
 
 /* ---- persistence ------------------------------------------------------- */
 
-/* Data first, then the map that counts it (download.h). */
-static int checkpoint(struct stream_download *d) {
+/* Records the blocks written. durable: sync the target first and make the
+ * record durable too (data before the record that counts it, download.h);
+ * else the record survives a kill, and counts for this boot only. */
+static int record_progress(struct stream_download *d, bool durable) {
         int r;
 
-        if (d->unsaved_blocks == 0 && d->unsaved_since == 0)
-                return 0;
-        r = d->ops->sync(d->userdata);
-        if (r < 0) {
-                finish(d, r, "sync failed: %s", strerror(-r));
-                return r;
-        }
-        if (d->file.state_path) {
-                r = blockmap_save(d->received, &d->file, d->file.state_path);
-                if (r < 0 && !d->save_failed_logged) {
-                        /* Only resuming suffers; the download goes on. */
-                        log_job(LOG_WARNING, d->file.job_id, "download",
-                                "Failed to save download progress to %s: %s, continuing without",
-                                d->file.state_path, strerror(-r));
-                        d->save_failed_logged = true;
+        if (durable) {
+                if (d->undurable_blocks == 0 && d->undurable_since == 0 && d->unrecorded_blocks == 0)
+                        return 0;
+                r = d->ops->sync(d->userdata);
+                if (r < 0) {
+                        finish(d, r, "failed to sync the target: %m");
+                        return r;
                 }
+                /* Both at d->block_size: shrink_blocks() remaps both. */
+                (void) blockmap_assign(d->durable, d->received);
+                d->undurable_blocks = 0;
+                d->undurable_since = 0;
+        } else if (d->unrecorded_blocks == 0 || sd_id128_is_null(d->boot_id))
+                return 0;
+        d->unrecorded_blocks = 0;
+        d->unrecorded_since = 0;
+        if (!d->file.state_path)
+                return 0;
+        r = blockmap_save(d->received, d->durable, d->boot_id, &d->file, d->file.state_path, durable);
+        if (r < 0 && !d->save_failed_logged) {
+                /* Only resuming suffers; the download goes on. */
+                log_job_errno(LOG_WARNING, r, d->file.job_id, "download",
+                              "Failed to save download progress to %s: %m, continuing without", d->file.state_path);
+                d->save_failed_logged = true;
         }
-        d->unsaved_blocks = 0;
-        d->unsaved_since = 0;
+        return 0;
+}
+
+/* The record a kill or a power cut would resume from, brought up to date
+ * when enough came in or time passed. */
+static int record_due(struct stream_download *d, uint64_t now) {
+        if (d->undurable_blocks >= d->checkpoint_blocks ||
+            (d->undurable_since && now >= d->undurable_since + CHECKPOINT_USEC))
+                return record_progress(d, true);
+        if (d->unrecorded_blocks >= d->record_blocks ||
+            (d->unrecorded_since && now >= d->unrecorded_since + RECORD_USEC))
+                return record_progress(d, false);
         return 0;
 }
 
@@ -288,17 +318,22 @@ static int send_request(struct stream_download *d, struct request_slot *s, uint6
         return 1;
 }
 
-/* Exponential, reset by the next new block. */
-static void back_off(struct stream_download *d, uint64_t now) {
-        d->backoff = d->backoff ? d->backoff * 2 : BACKOFF_MIN_USEC;
-        if (d->backoff > BACKOFF_MAX_USEC)
-                d->backoff = BACKOFF_MAX_USEC;
-        d->backoff_until = now + d->backoff;
+/* backoff.h's policy, reset by the next new block. Returns the delay. */
+static uint64_t back_off(struct stream_download *d, uint64_t now) {
+        uint64_t delay = backoff_next(&d->backoff);
+
+        d->backoff_until = now + delay;
+        return delay;
 }
 
 static void fill_window(struct stream_download *d, uint64_t now) {
         unsigned limit = d->silent ? 1 : d->window;
 
+        if (d->adopting) {
+                if (d->adopt_until == 0 || now < d->adopt_until)
+                        return;
+                d->adopting = false;
+        }
         while (!d->finished && active_slots(d) < limit && now >= d->next_send && now >= d->backoff_until &&
                anything_to_request(d)) {
                 struct request_slot *s = NULL;
@@ -321,14 +356,14 @@ static void fill_window(struct stream_download *d, uint64_t now) {
                         return;
                 }
                 if (r == -EINVAL || r == -EMSGSIZE) {
-                        finish(d, r, "failed to send a GetStream request: %s", strerror(-r));
+                        finish(d, r, "failed to send a GetStream request to %s: %m", d->topic_get);
                         return;
                 }
                 if (r < 0) {
                         /* Anything else (out of memory, a socket error the
                          * session is about to notice) may pass: retry later. */
-                        log_job(LOG_NOTICE, d->file.job_id, "download",
-                                "Failed to send a GetStream request: %s, retrying", strerror(-r));
+                        log_job_errno(LOG_NOTICE, r, d->file.job_id, "download",
+                                      "Failed to send a GetStream request to %s: %m, retrying", d->topic_get);
                         back_off(d, now);
                         return;
                 }
@@ -423,10 +458,15 @@ static void schedule(struct stream_download *d, uint64_t now) {
                  active_slots(d) < (d->silent ? 1u : d->window)) {
                 uint64_t t = d->next_send > d->backoff_until ? d->next_send : d->backoff_until;
 
+                if (d->adopting && d->adopt_until > t)
+                        t = d->adopt_until;
+
                 next = t < next ? t : next;
         }
-        if (d->unsaved_since && d->unsaved_since + CHECKPOINT_USEC < next)
-                next = d->unsaved_since + CHECKPOINT_USEC;
+        if (d->undurable_since && d->undurable_since + CHECKPOINT_USEC < next)
+                next = d->undurable_since + CHECKPOINT_USEC;
+        if (d->unrecorded_since && !sd_id128_is_null(d->boot_id) && d->unrecorded_since + RECORD_USEC < next)
+                next = d->unrecorded_since + RECORD_USEC;
         if (next == UINT64_MAX) {
                 sd_event_source_set_enabled(d->timer, SD_EVENT_OFF);
                 return;
@@ -435,22 +475,22 @@ static void schedule(struct stream_download *d, uint64_t now) {
         if (r >= 0)
                 r = sd_event_source_set_enabled(d->timer, SD_EVENT_ONESHOT);
         if (r < 0)
-                finish(d, r, "failed to arm the stream timer: %s", strerror(-r));
+                finish(d, r, "failed to arm the stream timer: %m");
 }
 
 /* Everything that may happen after an event: timeouts, reconnects,
  * checkpoints, completion, new requests, and the next wake-up. */
 static void pump(struct stream_download *d) {
-        uint64_t now = now_usec();
+        uint64_t now = clock_now_usec();
 
         if (d->finished)
                 return;
 
-        if (d->unsaved_since && now >= d->unsaved_since + CHECKPOINT_USEC && checkpoint(d) < 0)
+        if (record_due(d, now) < 0)
                 return;
 
         if (blockmap_complete(d->received)) {
-                if (checkpoint(d) < 0)
+                if (record_progress(d, true) < 0)
                         return;
                 finish(d, 0, NULL);
                 return;
@@ -504,6 +544,40 @@ static const char *block_problem(const struct stream_download *d, const struct s
         return NULL;
 }
 
+/* Whether b answers a request of ours at the current block size: the
+ * service echoes the client token (§3.3), which changes with the block
+ * size. Without a token only while the block size never changed. */
+static bool block_is_current(const struct stream_download *d, const struct stream_block *b) {
+        if (!b->client_token)
+                return d->generation == 0;
+        return b->client_token_len == strlen(d->token) && memcmp(b->client_token, d->token, b->client_token_len) == 0;
+}
+
+/* A well-formed block of the current block size whose length is not what
+ * the job's filesize makes it: the service sends block_size bytes until the
+ * stream file ends, so the stream file is longer or shorter than filesize.
+ * No request can change that: fail now rather than by momentum. */
+static bool block_size_disagrees(struct stream_download *d, const struct stream_block *b) {
+        uint64_t expected = blockmap_block_length(d->received, b->index);
+
+        if (b->file_id != d->file_id || b->index >= blockmap_blocks(d->received) || b->length != b->payload_len ||
+            b->length == expected || b->length > d->block_size || !block_is_current(d, b))
+                return false;
+        if (b->length > expected)
+                finish(d, -EBADMSG,
+                       "stream file %u holds more than the job's filesize of %" PRIu64 " bytes: block %" PRIu64
+                       " is %" PRIu64 " bytes, expected %" PRIu64 "; the stream and the job document disagree",
+                       d->file_id, d->file.size, b->index, b->length, expected);
+        else
+                finish(d, -EBADMSG,
+                       "stream file %u holds fewer bytes than the job's filesize of %" PRIu64 " bytes: block %" PRIu64
+                       " is %" PRIu64 " bytes, expected %" PRIu64 " (the stream file ends at byte %" PRIu64
+                       "); the stream and the job document disagree",
+                       d->file_id, d->file.size, b->index, b->length, expected,
+                       b->index * (uint64_t) d->block_size + b->length);
+        return true;
+}
+
 static void on_data(const char *topic, const uint8_t *payload, size_t len, void *userdata) {
         struct stream_download *d = userdata;
         struct stream_block b;
@@ -520,13 +594,15 @@ static void on_data(const char *topic, const uint8_t *payload, size_t len, void 
                 log_debug("Dropping a message on %s: not a valid CBOR data message", topic);
                 return;
         }
+        if (block_size_disagrees(d, &b))
+                return;
         problem = block_problem(d, &b);
         if (problem) {
                 d->stats.bad_blocks++;
                 log_debug("Dropping stream block %" PRIu64 " of file %u: %s", b.index, d->file_id, problem);
                 return;
         }
-        now = now_usec();
+        now = clock_now_usec();
         if (d->last_block) {
                 uint64_t g = now - d->last_block;
 
@@ -544,18 +620,23 @@ static void on_data(const char *topic, const uint8_t *payload, size_t len, void 
 
         r = d->ops->write(b.index * (uint64_t) d->block_size, b.payload, b.payload_len, d->userdata);
         if (r < 0) {
-                finish(d, r, "write failed at offset %" PRIu64 ": %s", b.index * (uint64_t) d->block_size,
-                       strerror(-r));
+                finish(d, r, "failed to write block %" PRIu64 " (%zu bytes at offset %" PRIu64 ") to the target: %m",
+                       b.index, b.payload_len, b.index * (uint64_t) d->block_size);
                 return;
         }
 
         blockmap_set(d->received, b.index);
         blockmap_clear(d->inflight, b.index);
         d->stats.blocks_received++;
+        if (d->adopting && d->adopt_until) {
+                uint64_t until = now + ADOPT_QUIET_USEC, limit = d->adopt_started + d->timeout;
+
+                d->adopt_until = until < limit ? until : limit;
+        }
         d->momentum = 0;
         d->silent = false;
         d->quiet_armed = true;
-        d->backoff = 0;
+        backoff_reset(&d->backoff);
 
         s = slot_of_block(d, b.index);
         if (s) {
@@ -579,9 +660,13 @@ static void on_data(const char *topic, const uint8_t *payload, size_t len, void 
                                 slot_release(d, &d->slots[i]);
         }
 
-        if (d->unsaved_since == 0)
-                d->unsaved_since = now;
-        if (++d->unsaved_blocks >= d->checkpoint_blocks && checkpoint(d) < 0)
+        if (d->unrecorded_since == 0)
+                d->unrecorded_since = now;
+        if (d->undurable_since == 0)
+                d->undurable_since = now;
+        d->unrecorded_blocks++;
+        d->undurable_blocks++;
+        if (record_due(d, now) < 0)
                 return;
 
         if (d->ops->progress)
@@ -600,36 +685,44 @@ static void set_token(struct stream_download *d) {
 }
 
 static int shrink_blocks(struct stream_download *d) {
-        struct blockmap *received = NULL, *inflight = NULL;
+        struct blockmap *received = NULL, *durable = NULL, *inflight = NULL;
         uint32_t size = d->block_size / 2;
         int r;
 
         r = blockmap_remap(d->received, size, &received);
         if (r < 0)
-                return r;
+                goto fail;
+        r = blockmap_remap(d->durable, size, &durable);
+        if (r < 0)
+                goto fail;
         r = blockmap_new(blockmap_file_size(d->received), size, &inflight);
-        if (r < 0) {
-                blockmap_free(received);
-                return r;
-        }
+        if (r < 0)
+                goto fail;
         for (unsigned i = 0; i < d->window; i++)
                 d->slots[i].active = false;
         blockmap_free(d->received);
+        blockmap_free(d->durable);
         blockmap_free(d->inflight);
         d->received = received;
+        d->durable = durable;
         d->inflight = inflight;
         d->block_size = size;
         d->stats.block_size = size;
-        d->request_blocks = REQUEST_BYTES_MAX / size;
+        d->request_blocks = d->record_blocks = REQUEST_BYTES_MAX / size;
         d->checkpoint_blocks = CHECKPOINT_BYTES / size;
         d->cursor = 0;
         d->generation++;
         set_token(d);
         /* The record at the old size stays valid until the next checkpoint
          * replaces it with this (conservative) one. */
-        if (d->unsaved_since == 0)
-                d->unsaved_since = now_usec();
+        if (d->undurable_since == 0)
+                d->undurable_since = clock_now_usec();
         return 0;
+
+fail:
+        blockmap_free(received);
+        blockmap_free(durable);
+        return r;
 }
 
 static void on_rejected(const char *topic, const uint8_t *payload, size_t len, void *userdata) {
@@ -651,7 +744,8 @@ static void on_rejected(const char *topic, const uint8_t *payload, size_t len, v
                 if (rej.client_token[0] && strcmp(rej.client_token, d->token) != 0)
                         return; /* about a request at an older block size */
                 if (d->block_size / 2 < BLOCK_SIZE_MIN) {
-                        finish(d, -EPROTO, "stream rejected: %s: %s", c, rej.message);
+                        finish(d, -EPROTO, "stream rejected: %s: %s (%u-byte blocks, and AWS takes no smaller than %u)",
+                               c, rej.message, d->block_size, BLOCK_SIZE_MIN);
                         return;
                 }
                 log_job(LOG_WARNING, d->file.job_id, "download",
@@ -659,32 +753,49 @@ static void on_rejected(const char *topic, const uint8_t *payload, size_t len, v
                         rej.message, d->block_size / 2);
                 r = shrink_blocks(d);
                 if (r < 0) {
-                        finish(d, r, "failed to change the block size: %s", strerror(-r));
+                        finish(d, r, "failed to change the block size to %u bytes: %m", d->block_size / 2);
                         return;
                 }
         } else if (strcmp(c, "RequestThrottled") == 0 || strcmp(c, "InternalError") == 0 ||
                    strcmp(c, "BlockCountLimitExceeded") == 0 || strcmp(c, "BlockBitmapLimitExceeded") == 0) {
                 /* Transient or a limit: back off, then ask again for what is
                  * missing; the momentum rule bounds how long. */
-                uint64_t now = now_usec();
+                uint64_t now = clock_now_usec();
 
                 /* Rejections of requests sent before this back-off began
                  * are the same news: do not double it again for them. */
                 if (now >= d->backoff_until) {
-                        back_off(d, now);
+                        uint64_t delay = back_off(d, now);
+
                         log_job(LOG_NOTICE, d->file.job_id, "download",
                                 "Stream request rejected: %s: %s, retrying in %" PRIu64 " ms", c, rej.message,
-                                d->backoff / 1000);
+                                delay / USEC_PER_MSEC);
                 }
                 release_all(d);
         } else {
                 /* ResourceNotFound, Unauthorized, VersionMismatch,
                  * ETagMismatch and anything else: asking again cannot help. */
+                char expected[192] = "";
+
                 r = strcmp(c, "ResourceNotFound") == 0                                    ? -ENOENT
                     : strcmp(c, "Unauthorized") == 0                                      ? -EACCES
                     : strcmp(c, "VersionMismatch") == 0 || strcmp(c, "ETagMismatch") == 0 ? -ESTALE
                                                                                           : -EPROTO;
-                finish(d, r, "stream rejected: %s: %s", c, rej.message);
+                /* What the service could not match, from what we asked. */
+                if (r == -ENOENT)
+                        snprintf(expected, sizeof expected,
+                                 " (the job names file %u of stream %s, which the service does not have)", d->file_id,
+                                 d->stream_name);
+                else if (r == -EACCES)
+                        snprintf(expected, sizeof expected, " (the stream's role cannot read the file it names)");
+                else if (r == -ESTALE)
+                        snprintf(expected, sizeof expected, " (the stream or its file changed during the download)");
+                else if (strcmp(c, "InvalidRequest") == 0 || strcmp(c, "OffsetOutOfBounds") == 0)
+                        snprintf(expected, sizeof expected,
+                                 " (blocks of %u bytes up to block %" PRIu64 " for the job's filesize of %" PRIu64
+                                 " bytes: does stream file %u hold fewer bytes than that?)",
+                                 d->block_size, blockmap_blocks(d->received) - 1, d->file.size, d->file_id);
+                finish(d, r, "stream rejected: %s: %s%s", c, rej.message, expected);
                 return;
         }
         pump(d);
@@ -704,6 +815,10 @@ static void on_subscribed(bool granted, void *userdata, bool *ready, const char 
         if (*ready)
                 release_all(d);
         *ready = true;
+        if (d->adopting && d->adopt_started == 0 && d->data_ready && d->rejected_ready) {
+                d->adopt_started = clock_now_usec();
+                d->adopt_until = d->adopt_started + ADOPT_QUIET_USEC;
+        }
         pump(d);
 }
 
@@ -722,21 +837,33 @@ static void on_rejected_subscribed(bool granted, void *userdata) {
 /* ---- life cycle ---------------------------------------------------------- */
 
 static int load_progress(struct stream_download *d, uint32_t block_size) {
-        struct blockmap *m = NULL;
+        struct blockmap *m = NULL, *durable = NULL;
+        uint64_t undurable;
         int r;
 
+        /* Unknown boot: records count durable blocks only. */
+        r = sd_id128_get_boot(&d->boot_id);
+        if (r < 0) {
+                log_job_errno(LOG_WARNING, r, d->file.job_id, "download",
+                              "Failed to read the boot id: %m; recording progress only when synced");
+                d->boot_id = SD_ID128_NULL;
+        }
+
         if (d->file.state_path) {
-                r = blockmap_load(d->file.state_path, &d->file, &m);
+                r = blockmap_load(d->file.state_path, &d->file, d->boot_id, &m, &durable);
                 if (r == -ESTALE || r == -EBADMSG)
                         log_job(LOG_INFO, d->file.job_id, "download", "Discarding progress record %s: %s",
                                 d->file.state_path, r == -ESTALE ? "it belongs to another job or file" : "damaged");
                 else if (r < 0 && r != -ENOENT)
-                        log_job(LOG_WARNING, d->file.job_id, "download",
-                                "Failed to read progress record %s: %s, starting over", d->file.state_path,
-                                strerror(-r));
+                        log_job_errno(LOG_WARNING, r, d->file.job_id, "download",
+                                      "Failed to read progress record %s: %m, starting over", d->file.state_path);
                 else if (r == 0 && (blockmap_block_size(m) < BLOCK_SIZE_MIN || blockmap_block_size(m) > BLOCK_SIZE_MAX)) {
+                        log_job(LOG_INFO, d->file.job_id, "download",
+                                "Discarding progress record %s: its %u-byte blocks are outside %u..%u",
+                                d->file.state_path, blockmap_block_size(m), BLOCK_SIZE_MIN, BLOCK_SIZE_MAX);
                         blockmap_free(m);
-                        m = NULL;
+                        blockmap_free(durable);
+                        m = durable = NULL;
                 }
         }
         if (!m) {
@@ -747,8 +874,21 @@ static int load_progress(struct stream_download *d, uint32_t block_size) {
         /* A record keeps its block size: it may be smaller than configured
          * because the service refused bigger blocks. */
         d->received = m;
+        d->durable = durable ? durable : blockmap_copy(m);
+        if (!d->durable)
+                return -ENOMEM;
         d->block_size = blockmap_block_size(m);
         d->stats.blocks_resumed = blockmap_count(m);
+        /* A record of this job: a run before us may have left requests
+         * whose answers are still coming. */
+        d->adopting = durable != NULL;
+        /* What an earlier run wrote but did not sync: sync it soon, so
+         * that a power cut from now on does not cost it. */
+        undurable = blockmap_count(d->received) - blockmap_count(d->durable);
+        if (undurable > 0) {
+                d->undurable_blocks = undurable;
+                d->undurable_since = clock_now_usec();
+        }
         return blockmap_new(d->file.size, d->block_size, &d->inflight);
 }
 
@@ -783,7 +923,8 @@ int stream_download_new(struct otad *otad, const char *stream_name, unsigned fil
                 r = -ENOMEM;
                 goto fail;
         }
-        if (asprintf(&d->topic_get, "streams/%s/get/cbor", stream_name) < 0 ||
+        d->stream_name = strdup(stream_name);
+        if (!d->stream_name || asprintf(&d->topic_get, "streams/%s/get/cbor", stream_name) < 0 ||
             asprintf(&d->topic_data, "streams/%s/data/cbor", stream_name) < 0 ||
             asprintf(&d->topic_rejected, "streams/%s/rejected/cbor", stream_name) < 0) {
                 r = -ENOMEM;
@@ -793,6 +934,7 @@ int stream_download_new(struct otad *otad, const char *stream_name, unsigned fil
         d->window = c->ota.window > 0 ? (unsigned) c->ota.window : 1;
         /* 0: no pacing, for brokers other than AWS IoT (and benchmarks). */
         d->interval = c->ota.max_requests_per_second > 0 ? USEC_PER_SEC / (uint64_t) c->ota.max_requests_per_second : 0;
+        d->backoff = BACKOFF_INIT(BACKOFF_MIN_USEC, BACKOFF_MAX_USEC);
         d->timeout = (uint64_t) (c->ota.request_timeout > 0 ? c->ota.request_timeout : 10) * USEC_PER_SEC;
         d->momentum_max = c->ota.momentum > 0 ? (unsigned) c->ota.momentum : 32;
         /* The first window goes out before any block can arrive: a window
@@ -809,7 +951,7 @@ int stream_download_new(struct otad *otad, const char *stream_name, unsigned fil
         if (r < 0)
                 goto fail;
         d->stats.block_size = d->block_size;
-        d->request_blocks = REQUEST_BYTES_MAX / d->block_size;
+        d->request_blocks = d->record_blocks = REQUEST_BYTES_MAX / d->block_size;
         d->checkpoint_blocks = CHECKPOINT_BYTES / d->block_size;
         if (d->block_size != (uint32_t) block_size)
                 d->generation = 1; /* resumed at a size the service forced on us */
@@ -826,7 +968,12 @@ int stream_download_new(struct otad *otad, const char *stream_name, unsigned fil
                 d->block_size, blockmap_count(d->received));
 
         if (blockmap_complete(d->received)) {
-                /* Everything arrived before a restart: nothing to fetch. */
+                /* Everything arrived before a restart: nothing to fetch,
+                 * but perhaps to sync (download_ops.finished promises it). */
+                if (record_progress(d, true) < 0) {
+                        *ret = d;
+                        return 0;
+                }
                 finish(d, 0, NULL);
                 *ret = d;
                 return 0;
@@ -858,8 +1005,10 @@ void stream_download_free(struct stream_download *d) {
         sd_event_source_disable_unref(d->timer);
         sd_event_source_disable_unref(d->finish_source);
         blockmap_free(d->received);
+        blockmap_free(d->durable);
         blockmap_free(d->inflight);
         free(d->slots);
+        free(d->stream_name);
         free(d->topic_get);
         free(d->topic_data);
         free(d->topic_rejected);

@@ -19,6 +19,7 @@
 #include "tap.h"
 
 static const char *SIG = "MEQCIF2QDvww1G/kpRGZ8FYvQrok1bSZvXjXefRk7sqNcyPTAiB4dvGt8fozIY5NC0vUDJ2MY42ZERYEcrbwA4n6q7vrBg==";
+static const sd_id128_t BOOT = { .bytes = { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16 } };
 
 static void test_accounting(void) {
         struct blockmap *m;
@@ -143,14 +144,14 @@ static void test_persistence(const char *dir) {
                 abort();
         file.state_path = path;
 
-        tap_is_int(blockmap_load(path, &file, &loaded), -ENOENT, "nothing saved yet: -ENOENT");
+        tap_is_int(blockmap_load(path, &file, BOOT, &loaded, NULL), -ENOENT, "nothing saved yet: -ENOENT");
 
         blockmap_new(file.size, 4096, &m);
         for (uint64_t i = 0; i < blockmap_blocks(m); i += 3)
                 blockmap_set(m, i);
-        tap_is_int(blockmap_save(m, &file, path), 0, "save");
+        tap_is_int(blockmap_save(m, m, BOOT, &file, path, true), 0, "save");
         tap_ok(access(tmp, F_OK) < 0, "no .tmp left behind");
-        tap_is_int(blockmap_load(path, &file, &loaded), 0, "load");
+        tap_is_int(blockmap_load(path, &file, BOOT, &loaded, NULL), 0, "load");
         tap_ok(loaded && blockmap_count(loaded) == blockmap_count(m) && blockmap_block_size(loaded) == 4096 &&
                blockmap_test(loaded, 3) && !blockmap_test(loaded, 4), "same blocks after load");
         blockmap_free(loaded);
@@ -158,25 +159,25 @@ static void test_persistence(const char *dir) {
 
         /* A stale tmp from a crash mid-save does not matter. */
         write_file_atomic(tmp, "garbage", 7, 0600);
-        tap_is_int(blockmap_load(path, &file, &loaded), 0, "stale .tmp ignored");
+        tap_is_int(blockmap_load(path, &file, BOOT, &loaded, NULL), 0, "stale .tmp ignored");
         blockmap_free(loaded);
         loaded = NULL;
 
         other = file;
         other.job_id = "AFR_OTA-job2";
-        tap_is_int(blockmap_load(path, &other, &loaded), -ESTALE, "another job: -ESTALE");
+        tap_is_int(blockmap_load(path, &other, BOOT, &loaded, NULL), -ESTALE, "another job: -ESTALE");
         other = file;
         other.file_index = 0;
-        tap_is_int(blockmap_load(path, &other, &loaded), -ESTALE, "another file index: -ESTALE");
+        tap_is_int(blockmap_load(path, &other, BOOT, &loaded, NULL), -ESTALE, "another file index: -ESTALE");
         other = file;
         other.size = 1000001;
-        tap_is_int(blockmap_load(path, &other, &loaded), -ESTALE, "another size: -ESTALE");
+        tap_is_int(blockmap_load(path, &other, BOOT, &loaded, NULL), -ESTALE, "another size: -ESTALE");
         other = file;
         other.signature = "MEUCIQ==";
-        tap_is_int(blockmap_load(path, &other, &loaded), -ESTALE, "another signature: -ESTALE");
+        tap_is_int(blockmap_load(path, &other, BOOT, &loaded, NULL), -ESTALE, "another signature: -ESTALE");
         other = file;
         other.signature = NULL;
-        tap_is_int(blockmap_load(path, &other, &loaded), -ESTALE, "unsigned vs signed: -ESTALE");
+        tap_is_int(blockmap_load(path, &other, BOOT, &loaded, NULL), -ESTALE, "unsigned vs signed: -ESTALE");
         tap_ok(loaded == NULL, "ret untouched on failure");
 
         /* Torn writes: every truncation, and every single flipped byte. */
@@ -187,7 +188,7 @@ static void test_persistence(const char *dir) {
                 if (fd < 0 || write(fd, raw, k) != (ssize_t) k)
                         abort();
                 close(fd);
-                if (blockmap_load(path, &file, &loaded) != -EBADMSG)
+                if (blockmap_load(path, &file, BOOT, &loaded, NULL) != -EBADMSG)
                         bad++;
         }
         tap_ok(bad == 0, "all %zu truncations: -EBADMSG (%d not)", size, bad);
@@ -195,7 +196,7 @@ static void test_persistence(const char *dir) {
         for (size_t k = 0; k < size; k++) {
                 raw[k] ^= 0x20;
                 write_file_atomic(path, raw, size, 0600);
-                if (blockmap_load(path, &file, &loaded) != -EBADMSG)
+                if (blockmap_load(path, &file, BOOT, &loaded, NULL) != -EBADMSG)
                         bad++;
                 raw[k] ^= 0x20;
         }
@@ -205,14 +206,62 @@ static void test_persistence(const char *dir) {
         blockmap_free(m);
         blockmap_new(file.size, 1024, &m);
         blockmap_set(m, 976);
-        tap_is_int(blockmap_save(m, &file, path), 0, "save at 1024");
-        tap_ok(blockmap_load(path, &file, &loaded) == 0 && blockmap_block_size(loaded) == 1024 &&
+        tap_is_int(blockmap_save(m, m, BOOT, &file, path, true), 0, "save at 1024");
+        tap_ok(blockmap_load(path, &file, BOOT, &loaded, NULL) == 0 && blockmap_block_size(loaded) == 1024 &&
                blockmap_test(loaded, 976) && blockmap_block_length(loaded, 976) == 1000000 - 976 * 1024,
                "loaded at 1024 with the short last block");
         blockmap_free(loaded);
         blockmap_free(m);
         unlink(path);
         unlink(tmp);
+}
+
+/* What each of kill -9 and a power cut leaves a resuming run (download.h). */
+static void test_written_and_durable(const char *dir) {
+        _cleanup_free_ char *path = NULL;
+        struct download_file file = { .job_id = "AFR_OTA-job1", .file_index = 0, .size = 100000, .signature = SIG };
+        struct blockmap *written, *durable, *loaded = NULL, *loaded_durable = NULL;
+        const sd_id128_t other_boot = { .bytes = { 9, 9, 9 } };
+
+        if (asprintf(&path, "%s/progress2", dir) < 0)
+                abort();
+        file.state_path = path;
+        blockmap_new(file.size, 1000, &written);
+        blockmap_new(file.size, 1000, &durable);
+        for (uint64_t i = 0; i < 40; i++)
+                blockmap_set(written, i);
+        for (uint64_t i = 0; i < 10; i++)
+                blockmap_set(durable, i);
+
+        tap_is_int(blockmap_save(durable, written, BOOT, &file, path, false), -EINVAL,
+                   "durable blocks that were not written: -EINVAL");
+        tap_is_int(blockmap_save(written, durable, BOOT, &file, path, false), 0, "save without sync");
+        tap_is_int(blockmap_load(path, &file, BOOT, &loaded, &loaded_durable), 0, "load in the same boot");
+        tap_ok(loaded && blockmap_count(loaded) == 40 && blockmap_test(loaded, 39) && loaded_durable &&
+               blockmap_count(loaded_durable) == 10, "same boot (a kill -9): the written blocks count");
+        blockmap_free(loaded);
+        blockmap_free(loaded_durable);
+        loaded = loaded_durable = NULL;
+
+        tap_is_int(blockmap_load(path, &file, other_boot, &loaded, &loaded_durable), 0, "load in another boot");
+        tap_ok(loaded && blockmap_count(loaded) == 10 && !blockmap_test(loaded, 10) && loaded_durable &&
+               blockmap_count(loaded_durable) == 10, "another boot (a power cut): only the synced blocks count");
+        blockmap_free(loaded);
+        blockmap_free(loaded_durable);
+        loaded = NULL;
+
+        tap_is_int(blockmap_load(path, &file, SD_ID128_NULL, &loaded, NULL), 0, "load without a boot id");
+        tap_ok(loaded && blockmap_count(loaded) == 10, "unknown boot: only the synced blocks count");
+        blockmap_free(loaded);
+        loaded = NULL;
+
+        tap_ok(blockmap_assign(durable, written) == 0 && blockmap_count(durable) == 40, "assign");
+        blockmap_free(written);
+        blockmap_new(file.size, 2000, &written);
+        tap_is_int(blockmap_assign(durable, written), -EINVAL, "assign across block sizes: -EINVAL");
+        blockmap_free(written);
+        blockmap_free(durable);
+        unlink(path);
 }
 
 int main(void) {
@@ -224,6 +273,7 @@ int main(void) {
         test_request_bitmap();
         test_remap();
         test_persistence(dir);
+        test_written_and_durable(dir);
         rmdir(dir);
         return tap_done();
 }

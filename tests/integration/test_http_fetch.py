@@ -92,6 +92,12 @@ http {{
 """
 
 
+def boot_id():
+    """The running boot, as http.c writes it into its records."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip().replace("-", "")
+
+
 class Nginx:
     def __init__(self, d):
         self.dir = d
@@ -382,7 +388,12 @@ class HttpFetchTest(unittest.TestCase):
         self.assertGreaterEqual(persisted, 8 * MIB, "progress record advanced while downloading")
         self.assertLess(persisted, len(data), "killed before the end")
         with open(self.state) as f:
-            persisted = int(re.search(r"^offset=(\d+)$", f.read(), re.M).group(1))
+            record = f.read()
+        # Killed, not powered off: the bytes written count, not only the
+        # synced ones (offset=), which lag behind.
+        synced = int(re.search(r"^offset=(\d+)$", record, re.M).group(1))
+        persisted = int(re.search(r"^written=(\d+)$", record, re.M).group(1))
+        self.assertGreaterEqual(persisted, synced)
 
         r = self.fetch(self.nginx.url("files", "resume.bin"), len(data))
         self.assertEqual(r["rc"], 0, r)
@@ -423,11 +434,19 @@ class HttpFetchTest(unittest.TestCase):
         self.assertEqual([e[:2] for e in self.nginx.log("short.bin")],
                          [("bytes=%d-" % (3 * MIB), 416), ("bytes=0-", 206)])
 
-    def record(self, offset, job="AFR_OTA-http-test", index=0, size=None, signature="MEQCIF2Q=="):
-        """The progress record http.c writes (its format, rebuilt here)."""
-        body = ("# otad HTTPS download progress\nversion=1\njob_id=%s\nfile_index=%d\nsize=%d\n"
-                "signature_sha256=%s\noffset=%d\n"
-                % (job, index, size, hashlib.sha256(signature.encode()).hexdigest(), offset))
+    def record(self, offset, job="AFR_OTA-http-test", index=0, size=None, signature="MEQCIF2Q==",
+               written=None, boot=None):
+        """The progress record http.c writes (its format, rebuilt here):
+        version 2 with written= and boot_id= when written is given (boot
+        defaults to the running one), else the version 1 of earlier otads."""
+        sig = hashlib.sha256(signature.encode()).hexdigest()
+        if written is None:
+            body = ("# otad HTTPS download progress\nversion=1\njob_id=%s\nfile_index=%d\nsize=%d\n"
+                    "signature_sha256=%s\noffset=%d\n" % (job, index, size, sig, offset))
+        else:
+            body = ("# otad HTTPS download progress\nversion=2\njob_id=%s\nfile_index=%d\nsize=%d\n"
+                    "signature_sha256=%s\nboot_id=%s\nwritten=%d\noffset=%d\n"
+                    % (job, index, size, sig, boot or boot_id(), written, offset))
         return body + "checksum=%s\n" % hashlib.sha256(body.encode()).hexdigest()
 
     def test_progress_record_identity(self):
@@ -446,6 +465,11 @@ class HttpFetchTest(unittest.TestCase):
             ("offset edited, checksum stale", good.replace("offset=%d" % MIB, "offset=%d" % (MIB + 4096)), 0),
             ("torn record", good[:len(good) // 2], 0),
             ("offset past size", self.record(size + 1, size=size), 0),
+            ("written in this boot", self.record(MIB // 2, size=size, written=MIB), MIB),
+            ("written in another boot: the synced bytes only",
+             self.record(MIB // 2, size=size, written=MIB, boot="0" * 31 + "1"), MIB // 2),
+            ("written below synced", self.record(MIB, size=size, written=MIB // 2), 0),
+            ("written past size", self.record(MIB, size=size, written=size + 1), 0),
         ]
         for name, text, want in cases:
             with self.subTest(name):
@@ -457,7 +481,8 @@ class HttpFetchTest(unittest.TestCase):
                 self.assertEqual(int(r["bytes_received"]), size - want)
                 self.assertBitExact(data)
                 with open(self.state) as f:
-                    self.assertEqual(f.read(), self.record(size, size=size), "record rewritten for this file")
+                    self.assertEqual(f.read(), self.record(size, size=size, written=size),
+                                     "record rewritten for this file")
 
     def test_size_mismatch_at_start(self):
         data = os.urandom(100000)
