@@ -48,6 +48,3 @@ int subprocess_env_new(char *const extra[], char ***ret_envp);
  * timeout_usec: -ETIMEDOUT. On return the child is reaped. *ret_status is
  * the exit status, or 128+N when killed by signal N. */
 int subprocess_run(char *const argv[], uint64_t timeout_usec, size_t max_out, char **ret_out, int *ret_status);
-
-/* "exit status N" / "killed by signal N" for a waitpid() status. */
-void subprocess_describe_status(int wait_status, char *buf, size_t size);

@@ -213,12 +213,3 @@ int subprocess_run(char *const argv[], uint64_t timeout_usec, size_t max_out, ch
                 *ret_out = take_ptr(&out);
         return 0;
 }
-
-void subprocess_describe_status(int wait_status, char *buf, size_t size) {
-        if (WIFEXITED(wait_status))
-                snprintf(buf, size, "exit status %d", WEXITSTATUS(wait_status));
-        else if (WIFSIGNALED(wait_status))
-                snprintf(buf, size, "killed by signal %d", WTERMSIG(wait_status));
-        else
-                snprintf(buf, size, "wait status 0x%x", (unsigned) wait_status);
-}
