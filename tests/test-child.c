@@ -214,6 +214,7 @@ static void test_output(sd_event *e) {
                 free(after);
         }
         free(log);
+        free(res.output);
 }
 
 static void test_statuses(sd_event *e) {
@@ -244,6 +245,7 @@ static void test_statuses(sd_event *e) {
                 char *argv2[] = { noexec, NULL };
 
                 write_bytes(noexec, "#!/bin/sh\n", 10);
+                free(res.output);
                 res = (struct result){ 0 };
                 tap_is_int(child_start(e, argv, NULL, on_exit_cb, &res, &c), -ENOENT, "a missing program: -ENOENT");
                 tap_is_int(child_start(e, argv2, NULL, on_exit_cb, &res, &c), -EACCES,
@@ -252,6 +254,7 @@ static void test_statuses(sd_event *e) {
                 tap_is_int(res.calls, 0, "no on_exit for a program that did not start");
                 free(noexec);
         }
+        free(res.output);
 }
 
 /* What a program inherits: fds 0-2 only, no blocked or ignored signal, "/",
@@ -319,6 +322,7 @@ static void test_inheritance(sd_event *e) {
         run_until_exit(e, &res, 10);
         tap_ok(res.calls == 1 && WIFEXITED(res.status) && WEXITSTATUS(res.status) == 0,
                "it exits 0, and so does not otad (SIGPIPE ignored)");
+        free(res.output);
 }
 
 /* The group lives as long as the program. */
@@ -411,6 +415,7 @@ static void test_groups(sd_event *e) {
         tap_ok(group_gone(pid, 5), "no process of its group is left");
         (void) sd_event_run(e, 100 * USEC_PER_MSEC);
         tap_is_int(res.calls, 0, "no on_exit after child_free");
+        free(res.output);
 }
 
 int main(void) {

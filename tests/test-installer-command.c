@@ -2,7 +2,10 @@
 /* Unit tests of the command installer: a script in a temp dir gets the
  * staged image as its last argument and the documented environment, runs
  * inside a real sd-event loop, its output reaches the log, exit 0 succeeds,
- * exit 3 fails with "exit status 3", and the staged image is removed. */
+ * exit 3 fails with "exit status 3", and the staged image is removed. A
+ * program that hangs fails at [target.NAME] timeout= with its whole
+ * process group gone; one that writes more than a pipe holds while the
+ * loop is busy gets it all through; freeing stops a running one. */
 #include <systemd/sd-event.h>
 #include <signal.h>
 #include <time.h>
