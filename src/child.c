@@ -275,8 +275,8 @@ static void stop_group(struct child *c) {
         (void) kill(-c->pid, SIGTERM);
         /* a stopped process handles SIGTERM only once continued (as systemd does) */
         (void) kill(-c->pid, SIGCONT);
-        if (sd_event_add_time_relative(c->event, &c->kill_timer, CLOCK_MONOTONIC, c->grace_usec, 0, on_kill_timer,
-                                       c) < 0) {
+        if (sd_event_add_time(c->event, &c->kill_timer, CLOCK_MONOTONIC, clock_now_usec() + c->grace_usec, 0,
+                              on_kill_timer, c) < 0) {
                 log_job(LOG_WARNING, c->job_id, c->stage, "%s[%d]: cannot arm the SIGKILL timer, sending SIGKILL now",
                         c->name, (int) c->pid);
                 (void) kill(-c->pid, SIGKILL);
@@ -459,8 +459,10 @@ int child_start(sd_event *event, char *const argv[], const struct child_options 
         if (err[0] >= 0 && (r = watch_pipe(c, &c->err, &err[0], true)) < 0)
                 goto fail;
         if (c->timeout_usec > 0) {
-                r = sd_event_add_time_relative(event, &c->deadline, CLOCK_MONOTONIC, c->timeout_usec, 0, on_deadline,
-                                               c);
+                /* from now, not from sd_event_now(): that is when this loop
+                 * iteration began, maybe long before the program did */
+                r = sd_event_add_time(event, &c->deadline, CLOCK_MONOTONIC, clock_now_usec() + c->timeout_usec, 0,
+                                      on_deadline, c);
                 if (r < 0)
                         goto fail;
         }

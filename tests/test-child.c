@@ -267,11 +267,11 @@ static void test_inheritance(sd_event *e) {
         static char big[1 << 20];
         sigset_t block;
 
-        tap_is_int(start_sh(e, "ls /proc/$$/fd | tr '\\n' ' '", &(const struct child_options){ .keep_output = 256 },
-                            &res, &c),
-                   0, "start ls /proc/$$/fd");
+        /* no pipeline: the shell would hold the pipe's ends while ls looks */
+        tap_is_int(start_sh(e, "ls /proc/$$/fd", &(const struct child_options){ .keep_output = 256 }, &res, &c), 0,
+                   "start ls /proc/$$/fd");
         run_until_exit(e, &res, 10);
-        tap_is_str(res.output, "0 1 2 ", "the program holds fds 0, 1 and 2 only");
+        tap_is_str(res.output, "0\n1\n2\n", "the program holds fds 0, 1 and 2 only");
         close(leaked);
 
         sigemptyset(&block);
