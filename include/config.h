@@ -47,6 +47,7 @@ struct config_target {
         int64_t match_file_type; /* -1 = any */
         char *directory;         /* file: where the payload lands */
         char *command;           /* command: program run with the image */
+        int64_t timeout;         /* command: seconds before it is stopped, 0 = never */
         char *slot_class;        /* ab: which [slot.CLASS.*] pair, default "rootfs" */
         unsigned line;           /* where it was defined, for messages */
 };

@@ -3,9 +3,10 @@
  * custom_jobs: the job handler for documents that name an operation
  * ({"<operation_key>": "<name>", ...}): runs <handler_dir>/<name> with the
  * job document on stdin and reports its exit as SUCCEEDED/FAILED with a
- * reason and its stdout. Owns the handler processes; never runs a file that
- * is not a root-owned, not group/world-writable regular file directly in
- * the configured directory, and never goes through a shell.
+ * reason and its stdout. Owns the runs of handlers (child.h runs each
+ * program); never runs a file that is not a root-owned, not
+ * group/world-writable regular file directly in the configured directory,
+ * and never goes through a shell.
  */
 #pragma once
 
@@ -15,7 +16,7 @@
 
 /* Registers the handler with otad->jobs. */
 int custom_jobs_new(struct otad *otad, struct custom_jobs **ret);
-/* Kills running handler processes (their process groups) and unregisters. */
+/* Kills running handlers (SIGKILL to their process groups) and unregisters. */
 void custom_jobs_free(struct custom_jobs *c);
 
 /* Operation names: [a-zA-Z0-9_.-]{1,255}, not starting with '.'. Pure. */

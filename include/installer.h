@@ -78,7 +78,7 @@ int installer_new(struct otad *otad, const struct config_target *target, const c
 /* Closes what begin() opened and frees in. Keeps what an unfinished job
  * wrote (a partial file, a staged image) so that a restarted otad can
  * resume it; abort() is what removes it. A running activation is stopped:
- * its program gets SIGTERM and, 5 s later, SIGKILL (this waits). */
+ * its program's process group gets SIGKILL (this does not wait for long). */
 void installer_free(struct installer *in);
 void installer_set_activate_done(struct installer *in, installer_activate_done_t cb, void *userdata);
 /* Replaces in->reason; for backends. Returns error, so a backend can write

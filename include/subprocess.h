@@ -1,9 +1,12 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * subprocess: starting helper programs (the command installer's program, the
- * custom bootloader script) without a shell. Owns splitting a configured
- * command line on whitespace, the child's standard fds and signal state.
- * Never interprets what the program prints; subprocess_start never waits.
+ * subprocess: starting helper programs (handlers, installer programs, the
+ * custom bootloader script, the health check) without a shell of our own.
+ * Owns splitting a configured command line on whitespace and what a new
+ * process inherits: its standard fds, signal state, process group,
+ * working directory and environment. Never interprets what the program
+ * prints; subprocess_spawn never waits (child.h watches a program from
+ * the event loop, subprocess_run waits for a short one).
  */
 #pragma once
 
@@ -17,18 +20,31 @@ int subprocess_split_command(const char *command, char ***ret_argv);
 void subprocess_argv_free(char **argv);
 
 /* Starts argv[0] (searched in $PATH unless it contains '/') with envp (NULL:
- * this process's environment). stdin is /dev/null; stdout_fd / stderr_fd
- * become the child's stdout/stderr, -1 keeps this process's. The child
- * starts with an empty signal mask and default signal handlers, whatever
- * sd-event blocked here. */
+ * this process's environment); -errno when it cannot be executed (glibc's
+ * posix_spawn reports the exec failure). fds[0..2] become the child's
+ * stdin, stdout and stderr; -1 means /dev/null for stdin and this
+ * process's for stdout/stderr. The child
+ *   - leads a process group of its own (pgid == pid), so that kill(-pid)
+ *     reaches whatever it starts;
+ *   - holds no other fd of ours (libmosquitto's socket, for one, is not
+ *     close-on-exec: a helper must not hold the MQTT session);
+ *   - starts with an empty signal mask and default signal handlers,
+ *     whatever sd-event blocked or mqtt.c ignored here (but for glibc's
+ *     two internal signals, 32 and 33, which its posix_spawn leaves
+ *     ignored; a program that uses them sets its own handlers);
+ *   - runs in "/", as under systemd, whatever otad's working directory. */
+int subprocess_spawn(char *const argv[], char *const envp[], const int fds[3], pid_t *ret_pid);
+/* subprocess_spawn with stdin /dev/null. */
 int subprocess_start(char *const argv[], char *const envp[], int stdout_fd, int stderr_fd, pid_t *ret_pid);
 
-/* Runs argv to completion, for short helpers only: collects up to max_out
- * bytes of its stdout (NUL-terminated) into *ret_out, leaves stderr to ours,
- * and kills it (SIGKILL) after timeout_usec: -ETIMEDOUT. On return the
- * child is reaped. *ret_status is the exit status, or 128+N when killed by
- * signal N. */
-int subprocess_run(char *const argv[], uint64_t timeout_usec, size_t max_out, char **ret_out, int *ret_status);
+/* This process's environment without OTAD_* variables (nothing inherited
+ * may pose as what otad sets), followed by extra ("NAME=value" strings,
+ * NULL-terminated; NULL for none). Free with subprocess_argv_free. */
+int subprocess_env_new(char *const extra[], char ***ret_envp);
 
-/* "exit status N" / "killed by signal N" for a waitpid() status. */
-void subprocess_describe_status(int wait_status, char *buf, size_t size);
+/* Runs argv to completion, blocking, for short helpers only: collects up
+ * to max_out bytes of its stdout (NUL-terminated) into *ret_out, leaves
+ * stderr to ours, and kills its process group (SIGKILL) after
+ * timeout_usec: -ETIMEDOUT. On return the child is reaped. *ret_status is
+ * the exit status, or 128+N when killed by signal N. */
+int subprocess_run(char *const argv[], uint64_t timeout_usec, size_t max_out, char **ret_out, int *ret_status);

@@ -123,6 +123,7 @@ static const struct config_item items[] = {
         INT("target", "match_file_type", T(match_file_type), "-1", -1, 255),
         STR("target", "directory", T(directory), ""),
         STR("target", "command", T(command), ""),
+        INT("target", "timeout", T(timeout), "3600", 0, 604800),
         STR("target", "slot_class", T(slot_class), "rootfs"),
 
         REQ("slot", "device", S(device)),

@@ -1,57 +1,37 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Custom job handlers: {"operation":"NAME"} runs <handler_dir>/NAME.
- * fork+exec without a shell, its own process group, the job document on
- * stdin, OTAD_JOB_ID/OTAD_THING_NAME in the environment, stdout/stderr to
- * the journal line by line, a timeout (SIGTERM, SIGKILL after a grace).
+ * Custom job handlers: {"operation":"NAME"} runs <handler_dir>/NAME through
+ * child.c: no shell, its own process group, the job document on stdin,
+ * OTAD_JOB_ID/OTAD_THING_NAME in the environment, stdout/stderr to the
+ * journal line by line, a timeout (SIGTERM, SIGKILL after a grace).
  */
 #include <cjson/cJSON.h>
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/epoll.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "child.h"
 #include "config.h"
 #include "custom_jobs.h"
 #include "jobs.h"
 #include "log.h"
 #include "macro.h"
-#include "mqtt.h"
+#include "subprocess.h"
 
 #define HANDLER_NAME "custom"
-#define KILL_GRACE_USEC (5 * 1000000ULL)
-#define DETAIL_CHARS 1024  /* AWS: statusDetails values ≤ 1024 characters (§1.5) */
-#define OUTPUT_KEEP 8192   /* bytes of stdout kept for statusDetails */
-#define LINE_MAX_BYTES 1024
-
-struct stream {
-        sd_event_source *source;
-        char line[LINE_MAX_BYTES + 1];
-        size_t line_len;
-};
+#define DETAIL_CHARS 1024 /* AWS: statusDetails values ≤ 1024 characters (§1.5) */
+#define OUTPUT_KEEP 8192  /* bytes of stdout kept for statusDetails */
 
 struct run {
         struct custom_jobs *owner;
         char *job_id;
         char *operation;
-        char *document; /* stdin */
-        size_t document_len, document_off;
-        pid_t pid;
-        sd_event_source *child;
-        sd_event_source *input;
-        struct stream out, err;
-        sd_event_source *timeout;
-        sd_event_source *kill_timer;
-        char output[OUTPUT_KEEP];
-        size_t output_len;
-        bool timed_out;
+        struct child *child;
         bool cancelled; /* report nothing, just make sure it is gone */
         struct run *next;
 };
@@ -126,16 +106,9 @@ size_t custom_jobs_sanitize_output(const char *in, size_t len, char *buf, size_t
 static void run_free(struct run *r) {
         if (!r)
                 return;
-        sd_event_source_disable_unref(r->input);
-        sd_event_source_disable_unref(r->out.source);
-        sd_event_source_disable_unref(r->err.source);
-        sd_event_source_disable_unref(r->timeout);
-        sd_event_source_disable_unref(r->kill_timer);
-        /* child_process_own: unref kills (SIGKILL) and reaps a live child. */
-        sd_event_source_disable_unref(r->child);
+        child_free(r->child); /* kills its process group if it still runs */
         free(r->job_id);
         free(r->operation);
-        free(r->document);
         free(r);
 }
 
@@ -149,168 +122,41 @@ static void run_remove(struct run *r) {
         run_free(r);
 }
 
-static void run_kill(struct run *r, int sig) {
-        if (r->pid > 0 && r->child)
-                /* The whole process group: handlers may start children. */
-                (void) kill(-r->pid, sig);
-}
-
-static void stream_flush_line(struct run *r, struct stream *s, bool is_err) {
-        char clean[4 * 256 + 1];
-
-        if (s->line_len == 0)
-                return;
-        if (custom_jobs_sanitize_output(s->line, s->line_len, clean, sizeof(clean), 256) > 0)
-                log_job(is_err ? LOG_WARNING : LOG_INFO, r->job_id, HANDLER_NAME, "%s[%d]%s: %s", r->operation,
-                        (int) r->pid, is_err ? " (stderr)" : "", clean);
-        s->line_len = 0;
-}
-
-static void stream_consume(struct run *r, struct stream *s, bool is_err, const char *data, size_t n) {
-        if (!is_err) {
-                size_t room = sizeof(r->output) - r->output_len;
-
-                memcpy(r->output + r->output_len, data, n < room ? n : room);
-                r->output_len += n < room ? n : room;
-        }
-        for (size_t i = 0; i < n; i++) {
-                if (data[i] == '\n' || s->line_len == LINE_MAX_BYTES) {
-                        stream_flush_line(r, s, is_err);
-                        if (data[i] == '\n')
-                                continue;
-                }
-                s->line[s->line_len++] = data[i];
-        }
-}
-
-/* Reads what is there; returns true at EOF or error (source closed). */
-static bool stream_drain(struct run *r, struct stream *s, bool is_err) {
-        char buf[4096];
-
-        if (!s->source)
-                return true;
-        for (;;) {
-                ssize_t n = read(sd_event_source_get_io_fd(s->source), buf, sizeof(buf));
-
-                if (n > 0) {
-                        stream_consume(r, s, is_err, buf, (size_t) n);
-                        continue;
-                }
-                if (n < 0 && errno == EINTR)
-                        continue;
-                if (n < 0 && errno == EAGAIN)
-                        return false;
-                stream_flush_line(r, s, is_err);
-                s->source = sd_event_source_disable_unref(s->source);
-                return true;
-        }
-}
-
-static int on_stdout(sd_event_source *es, int fd, uint32_t revents, void *userdata) {
-        struct run *r = userdata;
-
-        stream_drain(r, &r->out, false);
-        return 0;
-}
-
-static int on_stderr(sd_event_source *es, int fd, uint32_t revents, void *userdata) {
-        struct run *r = userdata;
-
-        stream_drain(r, &r->err, true);
-        return 0;
-}
-
-static int on_stdin(sd_event_source *es, int fd, uint32_t revents, void *userdata) {
-        struct run *r = userdata;
-
-        while (r->document_off < r->document_len) {
-                ssize_t n = write(fd, r->document + r->document_off, r->document_len - r->document_off);
-
-                if (n < 0 && errno == EINTR)
-                        continue;
-                if (n < 0 && errno == EAGAIN)
-                        return 0;
-                if (n < 0) /* EPIPE: the handler does not read stdin; fine. */
-                        break;
-                r->document_off += (size_t) n;
-        }
-        /* Closing gives the handler EOF. */
-        r->input = sd_event_source_disable_unref(r->input);
-        return 0;
-}
-
-static void run_report(struct run *r, const siginfo_t *si) {
+static void run_report(struct run *r, int wait_status, bool timed_out) {
         struct custom_jobs *cj = r->owner;
         char reason[128], out[4 * DETAIL_CHARS + 1];
         struct status_detail d[3] = { { NULL, NULL }, { NULL, NULL }, { NULL, NULL } };
         enum job_status status = JOB_FAILED;
+        const char *output;
+        size_t output_len;
         int ret;
 
-        if (r->timed_out)
-                snprintf(reason, sizeof(reason), "timed out after %lld s",
-                         (long long) cj->otad->config->jobs.handler_timeout);
-        else if (si->si_code == CLD_EXITED) {
-                snprintf(reason, sizeof(reason), "exit status %d", si->si_status);
-                if (si->si_status == 0)
-                        status = JOB_SUCCEEDED;
-        } else
-                snprintf(reason, sizeof(reason), "killed by signal %d (%s)", si->si_status,
-                         sigabbrev_np(si->si_status) ? sigabbrev_np(si->si_status) : "?");
+        child_describe_exit(wait_status, timed_out, (uint64_t) cj->otad->config->jobs.handler_timeout * USEC_PER_SEC,
+                            reason, sizeof(reason));
+        if (!timed_out && WIFEXITED(wait_status) && WEXITSTATUS(wait_status) == 0)
+                status = JOB_SUCCEEDED;
         d[0] = (struct status_detail){ "reason", reason };
-        if (custom_jobs_sanitize_output(r->output, r->output_len, out, sizeof(out), DETAIL_CHARS) > 0)
+        output = child_output(r->child, &output_len);
+        if (custom_jobs_sanitize_output(output, output_len, out, sizeof(out), DETAIL_CHARS) > 0)
                 d[1] = (struct status_detail){ "stdout", out };
 
         log_job(status == JOB_SUCCEEDED ? LOG_INFO : LOG_WARNING, r->job_id, HANDLER_NAME,
                 "Job %s: handler %s finished: %s", r->job_id, r->operation, reason);
         ret = jobs_update(cj->otad->jobs, r->job_id, status, d, 0, NULL, NULL);
         if (ret < 0)
-                log_job(LOG_ERR, r->job_id, HANDLER_NAME, "Job %s: failed to report %s: %s", r->job_id,
-                        job_status_to_string(status), strerror(-ret));
+                log_job_errno(LOG_ERR, ret, r->job_id, HANDLER_NAME, "Job %s: failed to report %s: %m", r->job_id,
+                              job_status_to_string(status));
 }
 
-static int on_child(sd_event_source *es, const siginfo_t *si, void *userdata) {
+static void on_handler_exit(struct child *c, int wait_status, bool timed_out, void *userdata) {
         struct run *r = userdata;
 
-        /* What the handler wrote before it exited is in the pipes now;
-         * don't wait for EOF, a grandchild may keep them open. */
-        stream_drain(r, &r->out, false);
-        stream_drain(r, &r->err, true);
         if (!r->cancelled)
-                run_report(r, si);
+                run_report(r, wait_status, timed_out);
         else
                 log_job(LOG_INFO, r->job_id, HANDLER_NAME, "Job %s: cancelled handler %s is gone", r->job_id,
                         r->operation);
-        /* Reaped already: unref must not kill a recycled pid. */
-        sd_event_source_set_child_process_own(r->child, false);
-        r->child = sd_event_source_disable_unref(r->child);
         run_remove(r);
-        return 0;
-}
-
-static int on_kill_timer(sd_event_source *es, uint64_t usec, void *userdata) {
-        struct run *r = userdata;
-
-        log_job(LOG_WARNING, r->job_id, HANDLER_NAME, "Job %s: handler %s ignored SIGTERM, sending SIGKILL", r->job_id,
-                r->operation);
-        run_kill(r, SIGKILL);
-        return 0;
-}
-
-static void run_terminate(struct run *r) {
-        run_kill(r, SIGTERM);
-        if (!r->kill_timer)
-                (void) sd_event_add_time_relative(r->owner->otad->event, &r->kill_timer, CLOCK_MONOTONIC,
-                                                  KILL_GRACE_USEC, 0, on_kill_timer, r);
-}
-
-static int on_timeout(sd_event_source *es, uint64_t usec, void *userdata) {
-        struct run *r = userdata;
-
-        r->timed_out = true;
-        log_job(LOG_WARNING, r->job_id, HANDLER_NAME, "Job %s: handler %s timed out after %lld s, stopping it",
-                r->job_id, r->operation, (long long) r->owner->otad->config->jobs.handler_timeout);
-        run_terminate(r);
-        return 0;
 }
 
 /* The handler's directory and file must be as trustworthy as otad itself:
@@ -331,87 +177,44 @@ static int check_trusted(const struct stat *st, bool dir, const char *path, char
         return 0;
 }
 
-static void child_exec(const char *path, int in, int out, int err, const char *job_id, const char *thing) {
-        sigset_t all;
+/* The handler sees otad's environment without OTAD_*, and the two it is
+ * documented to get. */
+static int handler_env(const struct custom_jobs *cj, const char *job_id, char ***ret) {
+        _cleanup_free_ char *id = NULL, *thing = NULL;
 
-        /* Our own process group: cancel and timeout kill it as a whole. */
-        (void) setpgid(0, 0);
-        for (int sig = 1; sig < NSIG; sig++)
-                (void) signal(sig, SIG_DFL);
-        sigemptyset(&all);
-        (void) sigprocmask(SIG_SETMASK, &all, NULL);
-        if (dup2(in, STDIN_FILENO) < 0 || dup2(out, STDOUT_FILENO) < 0 || dup2(err, STDERR_FILENO) < 0)
-                _exit(127);
-        /* Nothing else of ours: libmosquitto's socket, for one, is not
-         * close-on-exec, and a handler must not hold the MQTT session. */
-        (void) close_range(3, ~0U, 0);
-        if (setenv("OTAD_JOB_ID", job_id, 1) < 0 || setenv("OTAD_THING_NAME", thing, 1) < 0)
-                _exit(127);
-        (void) chdir("/");
-        execl(path, path, (char *) NULL);
-        dprintf(STDERR_FILENO, "otad: cannot execute %s: %s\n", path, strerror(errno));
-        _exit(127);
+        if (asprintf(&id, "OTAD_JOB_ID=%s", job_id) < 0) {
+                id = NULL;
+                return -ENOMEM;
+        }
+        if (asprintf(&thing, "OTAD_THING_NAME=%s", cj->otad->config->mqtt.thing_name) < 0) {
+                thing = NULL;
+                return -ENOMEM;
+        }
+        return subprocess_env_new((char *const[]){ id, thing, NULL }, ret);
 }
 
-static int run_spawn(struct custom_jobs *cj, struct run *r, const char *path) {
-        int in[2] = { -1, -1 }, out[2] = { -1, -1 }, err[2] = { -1, -1 };
-        sd_event *e = cj->otad->event;
+static int run_spawn(struct custom_jobs *cj, struct run *r, const char *path, const char *document) {
+        char *argv[] = { (char *) path, NULL };
+        char **envp = NULL;
         int ret;
 
-        if (pipe2(in, O_CLOEXEC) < 0 || pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0) {
-                ret = -errno;
-                goto fail;
-        }
-        r->pid = fork();
-        if (r->pid < 0) {
-                ret = -errno;
-                goto fail;
-        }
-        if (r->pid == 0)
-                child_exec(path, in[0], out[1], err[1], r->job_id, cj->otad->config->mqtt.thing_name);
-        (void) setpgid(r->pid, r->pid); /* no race with an early kill(-pid) */
-        close(in[0]);
-        close(out[1]);
-        close(err[1]);
-        in[0] = out[1] = err[1] = -1;
-        (void) fcntl(in[1], F_SETFL, O_NONBLOCK);
-        (void) fcntl(out[0], F_SETFL, O_NONBLOCK);
-        (void) fcntl(err[0], F_SETFL, O_NONBLOCK);
-
-        ret = sd_event_add_child(e, &r->child, r->pid, WEXITED, on_child, r);
-        if (ret < 0) {
-                (void) kill(-r->pid, SIGKILL);
-                (void) waitpid(r->pid, NULL, 0);
-                goto fail;
-        }
-        sd_event_source_set_child_process_own(r->child, true);
-        ret = sd_event_add_io(e, &r->input, in[1], EPOLLOUT, on_stdin, r);
+        ret = handler_env(cj, r->job_id, &envp);
         if (ret < 0)
-                goto fail;
-        sd_event_source_set_io_fd_own(r->input, true);
-        in[1] = -1;
-        ret = sd_event_add_io(e, &r->out.source, out[0], EPOLLIN, on_stdout, r);
-        if (ret < 0)
-                goto fail;
-        sd_event_source_set_io_fd_own(r->out.source, true);
-        out[0] = -1;
-        ret = sd_event_add_io(e, &r->err.source, err[0], EPOLLIN, on_stderr, r);
-        if (ret < 0)
-                goto fail;
-        sd_event_source_set_io_fd_own(r->err.source, true);
-        err[0] = -1;
-        ret = sd_event_add_time_relative(e, &r->timeout, CLOCK_MONOTONIC,
-                                         (uint64_t) cj->otad->config->jobs.handler_timeout * 1000000ULL, 0,
-                                         on_timeout, r);
-        if (ret < 0)
-                goto fail;
-        return 0;
-fail:
-        for (int i = 0; i < 2; i++) {
-                closep(&in[i]);
-                closep(&out[i]);
-                closep(&err[i]);
-        }
+                return ret;
+        ret = child_start(cj->otad->event, argv,
+                          &(const struct child_options){
+                                  .name = r->operation,
+                                  .job_id = r->job_id,
+                                  .stage = HANDLER_NAME,
+                                  .envp = envp,
+                                  .input = document,
+                                  .input_size = strlen(document),
+                                  .timeout_usec = (uint64_t) cj->otad->config->jobs.handler_timeout * USEC_PER_SEC,
+                                  .log_output = true,
+                                  .keep_output = OUTPUT_KEEP,
+                          },
+                          on_handler_exit, r, &r->child);
+        subprocess_argv_free(envp);
         return ret;
 }
 
@@ -429,6 +232,7 @@ static int custom_start(const struct job *job, char *reason, size_t reason_size,
         const cJSON *op = cJSON_GetObjectItemCaseSensitive(job->document, c->jobs.operation_key);
         _cleanup_free_ char *path = NULL;
         _cleanup_close_ int dirfd = -1;
+        _cleanup_free_ char *document = NULL;
         struct status_detail d[2] = { { NULL, NULL }, { NULL, NULL } };
         struct stat st;
         struct run *r;
@@ -471,30 +275,31 @@ static int custom_start(const struct job *job, char *reason, size_t reason_size,
         r->owner = cj;
         r->job_id = strdup(job->id);
         r->operation = strdup(op->valuestring);
-        r->document = cJSON_PrintUnformatted(job->document);
-        if (!r->job_id || !r->operation || !r->document) {
+        document = cJSON_PrintUnformatted(job->document);
+        if (!r->job_id || !r->operation || !document) {
                 run_free(r);
                 return -ENOMEM;
         }
-        r->document_len = strlen(r->document);
 
         /* Tell the service first that we took the job (the reference agent
          * says nothing until much later, §2.4; we improve on it). */
         d[0] = (struct status_detail){ "operation", r->operation };
         ret = jobs_update(cj->otad->jobs, r->job_id, JOB_IN_PROGRESS, d, 0, NULL, NULL);
         if (ret < 0)
-                log_job(LOG_WARNING, r->job_id, HANDLER_NAME, "Job %s: failed to report IN_PROGRESS: %s, continuing",
-                        r->job_id, strerror(-ret));
+                log_job_errno(LOG_WARNING, ret, r->job_id, HANDLER_NAME,
+                              "Job %s: failed to report IN_PROGRESS: %m, continuing", r->job_id);
 
-        ret = run_spawn(cj, r, path);
+        ret = run_spawn(cj, r, path, document);
         if (ret < 0) {
-                snprintf(reason, reason_size, "failed to start %s: %s", path, strerror(-ret));
+                errno = -ret;
+                snprintf(reason, reason_size, "failed to start %s: %m", path);
                 run_free(r);
                 return -EIO; /* FAILED: the document was fine */
         }
         r->next = cj->runs;
         cj->runs = r;
-        log_job(LOG_INFO, r->job_id, HANDLER_NAME, "Job %s: started %s as process %d", r->job_id, path, (int) r->pid);
+        log_job(LOG_INFO, r->job_id, HANDLER_NAME, "Job %s: started %s as process %d", r->job_id, path,
+                (int) child_pid(r->child));
         return 0;
 }
 
@@ -513,8 +318,8 @@ static void custom_cancel(const struct job *job, void *userdata) {
                 return;
         r->cancelled = true;
         log_job(LOG_NOTICE, r->job_id, HANDLER_NAME, "Job %s: stopping handler %s (process group %d)", r->job_id,
-                r->operation, (int) r->pid);
-        run_terminate(r);
+                r->operation, (int) child_pid(r->child));
+        child_terminate(r->child);
 }
 
 int custom_jobs_new(struct otad *otad, struct custom_jobs **ret) {
@@ -550,7 +355,6 @@ void custom_jobs_free(struct custom_jobs *cj) {
                 cj->runs = r->next;
                 log_job(LOG_NOTICE, r->job_id, HANDLER_NAME, "Job %s: otad is stopping, killing handler %s", r->job_id,
                         r->operation);
-                run_kill(r, SIGKILL);
                 run_free(r);
         }
         free(cj);

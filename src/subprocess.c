@@ -11,9 +11,9 @@
 #include <string.h>
 #include <stdbool.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "macro.h"
 
 extern char **environ;
@@ -55,7 +55,7 @@ oom:
         return -ENOMEM;
 }
 
-int subprocess_start(char *const argv[], char *const envp[], int stdout_fd, int stderr_fd, pid_t *ret_pid) {
+int subprocess_spawn(char *const argv[], char *const envp[], const int fds[3], pid_t *ret_pid) {
         posix_spawn_file_actions_t fa;
         posix_spawnattr_t attr;
         sigset_t none, all;
@@ -72,13 +72,23 @@ int subprocess_start(char *const argv[], char *const envp[], int stdout_fd, int 
         }
         sigemptyset(&none);
         sigfillset(&all);
-        r = posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-        if (r == 0 && stdout_fd >= 0)
-                r = posix_spawn_file_actions_adddup2(&fa, stdout_fd, STDOUT_FILENO);
-        if (r == 0 && stderr_fd >= 0)
-                r = posix_spawn_file_actions_adddup2(&fa, stderr_fd, STDERR_FILENO);
+        if (fds[0] >= 0)
+                r = posix_spawn_file_actions_adddup2(&fa, fds[0], STDIN_FILENO);
+        else
+                r = posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+        for (int i = 1; r == 0 && i < 3; i++)
+                if (fds[i] >= 0)
+                        r = posix_spawn_file_actions_adddup2(&fa, fds[i], i);
+        /* close_range() where the kernel has it, /proc/self/fd otherwise */
         if (r == 0)
-                r = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+                r = posix_spawn_file_actions_addclosefrom_np(&fa, 3);
+        if (r == 0)
+                r = posix_spawn_file_actions_addchdir_np(&fa, "/");
+        if (r == 0)
+                r = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF |
+                                                            POSIX_SPAWN_SETPGROUP);
+        if (r == 0)
+                r = posix_spawnattr_setpgroup(&attr, 0);
         if (r == 0)
                 r = posix_spawnattr_setsigmask(&attr, &none);
         if (r == 0)
@@ -93,20 +103,38 @@ int subprocess_start(char *const argv[], char *const envp[], int stdout_fd, int 
         return 0;
 }
 
-static uint64_t now_usec(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
+int subprocess_start(char *const argv[], char *const envp[], int stdout_fd, int stderr_fd, pid_t *ret_pid) {
+        return subprocess_spawn(argv, envp, (const int[3]){ -1, stdout_fd, stderr_fd }, ret_pid);
 }
 
-void subprocess_describe_status(int wait_status, char *buf, size_t size) {
-        if (WIFEXITED(wait_status))
-                snprintf(buf, size, "exit status %d", WEXITSTATUS(wait_status));
-        else if (WIFSIGNALED(wait_status))
-                snprintf(buf, size, "killed by signal %d", WTERMSIG(wait_status));
-        else
-                snprintf(buf, size, "wait status 0x%x", (unsigned) wait_status);
+int subprocess_env_new(char *const extra[], char ***ret_envp) {
+        size_t n = 0, i = 0;
+        char **v;
+
+        for (char **e = environ; e && *e; e++)
+                n++;
+        for (char *const *e = extra; e && *e; e++)
+                n++;
+        v = calloc(n + 1, sizeof(char *));
+        if (!v)
+                return -ENOMEM;
+        for (char **e = environ; e && *e; e++) {
+                if (strncmp(*e, "OTAD_", 5) == 0)
+                        continue;
+                v[i] = strdup(*e);
+                if (!v[i++])
+                        goto oom;
+        }
+        for (char *const *e = extra; e && *e; e++) {
+                v[i] = strdup(*e);
+                if (!v[i++])
+                        goto oom;
+        }
+        *ret_envp = v;
+        return 0;
+oom:
+        subprocess_argv_free(v);
+        return -ENOMEM;
 }
 
 int subprocess_run(char *const argv[], uint64_t timeout_usec, size_t max_out, char **ret_out, int *ret_status) {
@@ -114,7 +142,7 @@ int subprocess_run(char *const argv[], uint64_t timeout_usec, size_t max_out, ch
         _cleanup_free_ char *out = NULL;
         int fds[2];
         size_t len = 0;
-        uint64_t deadline = now_usec() + timeout_usec;
+        uint64_t deadline = clock_now_usec() + timeout_usec;
         bool timed_out = false;
         pid_t pid;
         int status = 0, r;
@@ -133,7 +161,7 @@ int subprocess_run(char *const argv[], uint64_t timeout_usec, size_t max_out, ch
         /* read stdout until EOF (everything past max_out is drained and dropped) */
         for (;;) {
                 struct pollfd p = { .fd = rd, .events = POLLIN };
-                uint64_t now = now_usec();
+                uint64_t now = clock_now_usec();
                 char buf[512];
                 ssize_t n;
 
@@ -166,14 +194,15 @@ int subprocess_run(char *const argv[], uint64_t timeout_usec, size_t max_out, ch
                         break;
                 if (w < 0 && errno != EINTR)
                         return -errno;
-                if (now_usec() >= deadline) {
+                if (clock_now_usec() >= deadline) {
                         timed_out = true;
                         break;
                 }
                 (void) usleep(10000);
         }
         if (timed_out) {
-                (void) kill(pid, SIGKILL);
+                /* the leader is not reaped yet: its group id is still ours */
+                (void) kill(-pid, SIGKILL);
                 while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
                         ;
                 return -ETIMEDOUT;

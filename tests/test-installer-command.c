@@ -2,8 +2,12 @@
 /* Unit tests of the command installer: a script in a temp dir gets the
  * staged image as its last argument and the documented environment, runs
  * inside a real sd-event loop, its output reaches the log, exit 0 succeeds,
- * exit 3 fails with "exit status 3", and the staged image is removed. */
+ * exit 3 fails with "exit status 3", and the staged image is removed. A
+ * program that hangs fails at [target.NAME] timeout= with its whole
+ * process group gone; one that writes more than a pipe holds while the
+ * loop is busy gets it all through; freeing stops a running one. */
 #include <systemd/sd-event.h>
+#include <signal.h>
 #include <time.h>
 
 #include "installer-test-util.h"
@@ -52,9 +56,28 @@ static bool env_has(const char *env, const char *line) {
         return found;
 }
 
+/* True once pid is gone or a zombie, within seconds. */
+static bool process_gone(pid_t pid, int seconds) {
+        for (int i = 0; i < seconds * 100; i++) {
+                char path[64], *stat = NULL, *end;
+
+                snprintf(path, sizeof(path), "/proc/%d/stat", (int) pid);
+                if (read_file_full(path, 4096, &stat, NULL) < 0)
+                        return true;
+                end = strrchr(stat, ')');
+                if (end && end[1] == ' ' && end[2] == 'Z') {
+                        free(stat);
+                        return true;
+                }
+                free(stat);
+                (void) usleep(10 * 1000);
+        }
+        return false;
+}
+
 int main(void) {
         static unsigned char image[IMAGE_SIZE];
-        char *script, *fail_script, *extra, *envfile, *copy, *staged, *line;
+        char *script, *fail_script, *hang_script, *pidfile, *extra, *envfile, *copy, *staged, *line;
         struct otad_config *c;
         struct otad o = { 0 };
         struct installer *in = NULL;
@@ -79,12 +102,21 @@ int main(void) {
         chmod(fail_script, 0755);
         free(line);
 
+        /* hangs, and leaves a grandchild that ignores SIGTERM holding stdout */
+        hang_script = xprintf("%s/hang.sh", dir);
+        pidfile = xprintf("%s/hang.pid", dir);
+        line = xprintf("#!/bin/sh\n(trap '' TERM; exec sleep 300) &\necho $$ $! > '%s'\nsleep 300\n", pidfile);
+        write_bytes(hang_script, line, strlen(line));
+        chmod(hang_script, 0755);
+        free(line);
+
         extra = xprintf("[update]\nversion = 1.2.3\nbooted_slot = A\n\n"
                         "[target.app]\ntype = command\ncommand = %s --flag\n\n"
                         "[target.bad]\ntype = command\ncommand = %s\n\n"
+                        "[target.hang]\ntype = command\ncommand = %s\ntimeout = 1\n\n"
                         "[slot.rootfs.a]\ndevice = /dev/null\nbootname = A\n\n"
                         "[slot.rootfs.b]\ndevice = /dev/null\nbootname = B\n",
-                        script, fail_script);
+                        script, fail_script, hang_script);
         c = load_config(dir, extra);
         tap_ok(c != NULL, "config loads");
         if (!c)
@@ -170,6 +202,57 @@ int main(void) {
         installer_free(in);
         in = NULL;
 
+        /* a program that hangs gets [target.NAME] timeout=, and its whole
+         * process group goes */
+        res = (struct result){ 0 };
+        tap_is_int(installer_new(&o, &c->targets[2], "job-hang", &in), 0, "installer_new for a hanging command");
+        installer_set_activate_done(in, on_done, &res);
+        in->ops->begin(in, 1, false);
+        in->ops->write(in, 0, "x", 1);
+        tap_is_int(in->ops->activate(in), -EINPROGRESS, "activate a program that hangs, timeout = 1");
+        run_until_done(e, &res);
+        tap_ok(res.done && res.r < 0, "it fails (r=%d)", res.r);
+        tap_ok(in->reason && strstr(in->reason, "timed out after 1 s"), "the reason names the timeout: %s",
+               in->reason ? in->reason : "(none)");
+        {
+                char *pids = read_text(pidfile);
+                int leader = 0, grandchild = 0;
+
+                if (!pids || sscanf(pids, "%d %d", &leader, &grandchild) != 2)
+                        leader = grandchild = 0;
+                tap_ok(leader > 0 && grandchild > 0, "the program ran: %d %d", leader, grandchild);
+                tap_ok(leader > 0 && process_gone(leader, 5), "the program is gone");
+                tap_ok(grandchild > 0 && process_gone(grandchild, 5),
+                       "its grandchild that ignores SIGTERM is gone too");
+                if (grandchild > 0)
+                        (void) kill(grandchild, SIGKILL);
+                free(pids);
+        }
+        installer_free(in);
+        in = NULL;
+
+        /* A program that writes more than a pipe holds while the loop is
+         * busy elsewhere must block on its stdout, not see EAGAIN: the
+         * non-blocking end is ours only. */
+        free(c->targets[1].command);
+        c->targets[1].command = xprintf("%s/chatty.sh", dir);
+        line = xprintf("#!/bin/sh\nhead -c 100000 /dev/zero | tr '\\0' x\n");
+        write_bytes(c->targets[1].command, line, strlen(line));
+        chmod(c->targets[1].command, 0755);
+        free(line);
+        res = (struct result){ 0 };
+        tap_is_int(installer_new(&o, &c->targets[1], "job-chatty", &in), 0, "installer_new for a chatty command");
+        installer_set_activate_done(in, on_done, &res);
+        in->ops->begin(in, 1, false);
+        in->ops->write(in, 0, "x", 1);
+        tap_is_int(in->ops->activate(in), -EINPROGRESS, "activate a program writing 100 kB to stdout (a pipe holds 64 KiB)");
+        (void) usleep(1000 * 1000); /* the loop is not running: the pipe fills up */
+        run_until_done(e, &res);
+        tap_ok(res.done && res.r == 0, "its output all got through (r=%d, reason: %s)", res.r,
+               in->reason ? in->reason : "none");
+        installer_free(in);
+        in = NULL;
+
         /* freeing during a long run stops the program (a script: "sleep 30"
          * itself would get the image path as a third argument and exit at
          * once, sometimes within the 50 ms below) */
@@ -200,6 +283,8 @@ int main(void) {
         free(dir);
         free(script);
         free(fail_script);
+        free(hang_script);
+        free(pidfile);
         free(extra);
         free(envfile);
         free(copy);
