@@ -15,6 +15,12 @@
  * becomes primary). If the new slot never gets marked good, the next boot
  * falls back to the other slot by itself.
  *
+ * A fresh device: with an empty environment (nothing of otad's in it) the
+ * documented scripts boot the factory slot and treat the other as not
+ * bootable, since it may be empty; the backends read such an environment
+ * the same way. A slot becomes bootable only through set_try_once() and
+ * stays so only through mark_good(). See otad.conf(5), FACTORY PROVISIONING.
+ *
  * NOTE for callers: in both the GRUB and the U-Boot scheme the bootloader
  * counts every boot of a slot as a try (GRUB sets <slot>_TRY=1, U-Boot
  * decrements BOOT_<slot>_LEFT). The running system must call mark_good() on
@@ -45,7 +51,8 @@ struct bootloader_ops {
         /* bootname stays primary for good. */
         int (*mark_good)(struct bootloader *b, const char *bootname);
         /* bootname is never booted again until set_try_once() names it; the
-         * other slot becomes primary. */
+         * other slot becomes primary. Refused (-ENOENT) when no other slot
+         * is bootable: the bootloader would have nothing to boot. */
         int (*mark_bad)(struct bootloader *b, const char *bootname);
         /* ret_good: the bootloader would boot bootname (it is not marked bad
          * and has a try left). */
@@ -77,6 +84,11 @@ int bootloader_mark_good(struct bootloader *b, const char *bootname);
 int bootloader_mark_bad(struct bootloader *b, const char *bootname);
 int bootloader_get_state(struct bootloader *b, const char *bootname, bool *ret_good);
 
+/* For backends: the factory slot, the first configured bootname (A in the
+ * documented scripts). With an empty environment the scripts boot it and
+ * treat every other slot as not bootable: on a fresh device those may be
+ * empty, and only set_try_once() makes them bootable. */
+const char *bootloader_factory_slot(const struct bootloader *b);
 /* For backends: is bootname one of b->bootnames? Unknown names are refused
  * with -EINVAL before anything is written. */
 bool bootloader_knows(const struct bootloader *b, const char *bootname);

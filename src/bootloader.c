@@ -76,6 +76,10 @@ oom:
         return -ENOMEM;
 }
 
+const char *bootloader_factory_slot(const struct bootloader *b) {
+        return b->n_bootnames > 0 ? b->bootnames[0] : "";
+}
+
 bool bootloader_knows(const struct bootloader *b, const char *bootname) {
         return bootname && strv_contains(b->bootnames, b->n_bootnames, bootname);
 }

@@ -1,7 +1,9 @@
 #!/bin/sh
 # Installs, from Debian 12's archive, everything otad needs to build, to run
 # its tests and to run its demo. Idempotent; needs root. (qemu, ovmf and
-# grub-efi run the documented grub.cfg in real GRUB: tests/test-grub-boot.c.)
+# grub-efi run the documented grub.cfg in real GRUB: tests/test-grub-boot.c;
+# qemu-system-arm and u-boot-qemu the documented boot script in real U-Boot:
+# tests/test-uboot-boot.c.)
 set -eu
 
 packages="
@@ -13,6 +15,7 @@ packages="
   nginx-light grub-common libubootenv-tool u-boot-tools
   fdisk util-linux e2fsprogs procps iproute2 systemd man-db groff-base
   qemu-system-x86 ovmf grub-efi-amd64-bin mtools
+  qemu-system-arm u-boot-qemu
 "
 
 missing=

@@ -1,14 +1,15 @@
 /* SPDX-License-Identifier: MIT */
-/* GRUB itself runs the grub.cfg snippet documented in
- * src/bootloaders/grub.c (taken from that comment, so the documentation is
- * what is tested) in QEMU with OVMF, against a grubenv on an ext4 disk that
- * otad's grub backend edits between boots. Proves the boot-once contract
- * with the real bootloader: a slot set with set_try_once boots once; if not
- * marked good it is not booted again; mark_good keeps it; mark_bad switches
- * back. The menuentry's linux/initrd lines are replaced by printing the
- * chosen slot and root label, and halting. Needs root (loop mount) and qemu-system-x86, ovmf,
- * grub-efi-amd64-bin, mtools, fdisk, e2fsprogs; skips otherwise. About 7 s
- * per boot. */
+/* GRUB itself runs the grub.cfg documented in otad.conf(5) (taken from the
+ * man page, so the documentation is what is tested) in QEMU with OVMF,
+ * against a grubenv on an ext4 disk that otad's grub backend edits between
+ * boots. Proves, with the real bootloader: a factory device (no grubenv, or
+ * an empty one) boots A, and keeps booting A when nobody marks it good,
+ * never the possibly empty B; a slot set with set_try_once boots once; if
+ * not marked good it is not booted again; mark_good keeps it; mark_bad
+ * switches back. The menuentry's linux/initrd lines are replaced by
+ * printing the chosen slot and root label, and halting. Needs root (loop
+ * mount) and qemu-system-x86, ovmf, grub-efi-amd64-bin, mtools, fdisk,
+ * e2fsprogs; skips otherwise. About 7 s per boot. */
 #include <signal.h>
 #include <sys/mount.h>
 
@@ -88,21 +89,23 @@ static bool primary_is(struct bootloader *b, const char *want, const char *what)
         return ok;
 }
 
-/* The documented snippet up to save_env, with the env file on the test disk. */
+/* The grub.cfg of otad.conf(5), between its begin/end comments, with the
+ * env file on the test disk (found by its label, so that it is found with
+ * no grubenv on it too). */
 static bool make_esp(void) {
         const char *src = getenv("OTAD_SOURCE_ROOT");
-        char *rel = xprintf("%s/src/bootloaders/grub.c", src ? src : ".");
-        char *grub_c = realpath(rel, NULL); /* the commands below run in dir */
+        char *rel = xprintf("%s/man/otad.conf.5", src ? src : ".");
+        char *page = realpath(rel, NULL); /* the commands below run in dir */
         int r;
 
         free(rel);
-        if (!grub_c)
+        if (!page)
                 return false;
 
-        r = run("cd '%s' && sed -n '/^ \\* grub.cfg (for slots A and B/,/^ \\*\\/$/p' '%s' | sed '1,2d;$d'"
-                " | sed 's/^ \\*   \\{0,1\\}//; s/^ \\*$//' > snippet.cfg"
-                " && grep -q '^save_env' snippet.cfg"
-                " && { echo 'set timeout=0'; echo 'search --no-floppy --file /grubenv --set=envdisk';"
+        r = run("cd '%s' && sed -n '/^\\.\\\\\" begin grub.cfg/,/^\\.\\\\\" end grub.cfg/p' '%s'"
+                " | grep -v '^[.]' | sed 's/\\\\-/-/g' > snippet.cfg"
+                " && ! grep -q '\\\\' snippet.cfg && grep -q '^save_env' snippet.cfg"
+                " && { echo 'set timeout=0'; echo 'search --no-floppy --label otadenv --set=envdisk';"
                 "      echo 'set envdir=($envdisk)';"
                 "      sed 's/\\$prefix/$envdir/g;"
                 "           s|^  linux .*|  echo \"OTAD-GRUB-SLOT=$slot rlabel=$rlabel\"|; s|^  initrd .*|  halt|' snippet.cfg;"
@@ -115,9 +118,9 @@ static bool make_esp(void) {
                 " && printf 'label: gpt\\nstart=2048, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\\n' | sfdisk -q esp.img"
                 " && mformat -i esp.img@@1M -F -v ESP :: && mmd -i esp.img@@1M ::/EFI ::/EFI/BOOT"
                 " && mcopy -i esp.img@@1M BOOTX64.EFI ::/EFI/BOOT/BOOTX64.EFI"
-                " && truncate -s 8M env.img && mkfs.ext4 -q -F env.img",
-                dir, grub_c);
-        free(grub_c);
+                " && truncate -s 8M env.img && mkfs.ext4 -q -F -L otadenv env.img",
+                dir, page);
+        free(page);
         return r == 0;
 }
 
@@ -135,12 +138,12 @@ int main(void) {
                 }
         {
                 const char *src = getenv("OTAD_SOURCE_ROOT");
-                char *grub_c = xprintf("%s/src/bootloaders/grub.c", src ? src : ".");
-                bool found = access(grub_c, R_OK) == 0;
+                char *page = xprintf("%s/man/otad.conf.5", src ? src : ".");
+                bool found = access(page, R_OK) == 0;
 
-                free(grub_c);
+                free(page);
                 if (!found) {
-                        printf("1..0 # SKIP src/bootloaders/grub.c not found: set OTAD_SOURCE_ROOT (meson test does)\n");
+                        printf("1..0 # SKIP man/otad.conf.5 not found: set OTAD_SOURCE_ROOT (meson test does)\n");
                         return 0;
                 }
         }
@@ -157,9 +160,8 @@ int main(void) {
         env_img = xprintf("%s/env.img", dir);
         grubenv = xprintf("%s/grubenv", mnt);
         mkdir(mnt, 0755);
-        if (!tap_ok(make_esp(), "GRUB EFI image with the documented snippet, ESP and env disk built") ||
-            !tap_ok(mount_env(), "env disk mounted") ||
-            !tap_is_int(run("grub-editenv '%s' create", grubenv), 0, "grub-editenv create"))
+        if (!tap_ok(make_esp(), "GRUB EFI image with the grub.cfg of otad.conf(5), ESP and env disk built") ||
+            !tap_ok(mount_env(), "env disk mounted"))
                 return tap_done();
         extra = xprintf("[bootloader]\ntype = grub\ngrubenv = %s\n\n"
                         "[slot.rootfs.a]\ndevice = /dev/null\nbootname = A\n\n"
@@ -170,29 +172,44 @@ int main(void) {
         if (!tap_ok(c && bootloader_new(c, &b) == 0, "grub bootloader on the env disk"))
                 return tap_done();
 
-        boots("A", "boot 1, fresh grubenv: A");
+        /* a factory device: B may be empty and must never boot */
+        boots("A", "boot 1, no grubenv at all: A (load_env fails, the defaults stand)");
+        tap_ok(access(grubenv, F_OK) < 0, "GRUB did not create a grubenv");
+        primary_is(b, "A", "no grubenv: otad reads A as primary");
+        tap_ok(bootloader_get_state(b, "B", &good) == 0 && !good, "no grubenv: otad reads B as not bootable");
+        tap_ok(bootloader_set_try_once(b, "B") < 0 && access(grubenv, F_OK) < 0,
+               "no grubenv: otad refuses to switch, and creates none");
+
+        if (!tap_is_int(run("grub-editenv '%s' create", grubenv), 0, "factory provisioning: grub-editenv create"))
+                return tap_done();
+        boots("A", "boot 2, empty grubenv: A");
+        tap_ok(bootloader_get_state(b, "B", &good) == 0 && !good, "B is not bootable");
+        boots("A", "boot 3, nobody marked A good: A again, not the empty B");
+        primary_is(b, "A", "A is primary");
+        tap_ok(bootloader_get_state(b, "B", &good) == 0 && !good, "B is still not bootable");
         tap_is_int(bootloader_mark_good(b, "A"), 0, "otad on A marks A good (every boot)");
+        tap_ok(bootloader_get_state(b, "B", &good) == 0 && !good, "B is not bootable after mark_good(A)");
 
         tap_is_int(bootloader_set_try_once(b, "B"), 0, "update: set_try_once(B)");
-        boots("B", "boot 2: B, once");
+        boots("B", "boot 4: B, once");
         primary_is(b, "A", "on B before commit, the primary is A again (B_TRY=1)");
         tap_ok(bootloader_get_state(b, "B", &good) == 0 && !good, "B is on trial, not good");
 
-        boots("A", "boot 3, B was not marked good: back to A");
+        boots("A", "boot 5, B was not marked good: back to A");
         tap_is_int(bootloader_mark_bad(b, "B"), 0, "otad on A after the fallback: mark_bad(B)");
         tap_is_int(bootloader_mark_good(b, "A"), 0, "and mark_good(A)");
-        boots("A", "boot 4: still A");
+        boots("A", "boot 6: still A");
 
         tap_is_int(bootloader_set_try_once(b, "B"), 0, "second update: set_try_once(B)");
-        boots("B", "boot 5: B, once");
+        boots("B", "boot 7: B, once");
         tap_is_int(bootloader_mark_good(b, "B"), 0, "health check passed: mark_good(B)");
-        boots("B", "boot 6: committed B stays");
+        boots("B", "boot 8: committed B stays");
         tap_is_int(bootloader_mark_good(b, "B"), 0, "otad on B marks B good (every boot)");
 
         tap_is_int(bootloader_set_try_once(b, "A"), 0, "third update: set_try_once(A)");
-        boots("A", "boot 7: A, once");
+        boots("A", "boot 9: A, once");
         tap_is_int(bootloader_mark_bad(b, "A"), 0, "health check failed: mark_bad(A)");
-        boots("B", "boot 8: rolled back to B");
+        boots("B", "boot 10: rolled back to B");
         primary_is(b, "B", "B is primary");
 
         bootloader_free(b);

@@ -201,6 +201,80 @@ static void test_rauc_scheme(void) {
         free(f);
 }
 
+/* The factory state: an empty grubenv (or none) means what the documented
+ * grub.cfg does with it: A boots, B is not bootable until otad has written
+ * and verified it (set_try_once) -- never because GRUB gave up on A. */
+static void test_factory_state(void) {
+        char *f = xprintf("%s/factory.env", dir), *missing = xprintf("%s/missing/grubenv", dir);
+        struct otad_config *c, *cm;
+        struct bootloader *b = NULL, *bm = NULL;
+        char *primary = NULL, *list;
+        bool good = false;
+
+        run("grub-editenv '%s' create", f);
+        c = grub_config(f);
+        tap_ok(c && bootloader_new(c, &b) == 0, "grub bootloader on an empty grubenv");
+        tap_is_int(bootloader_get_state(b, "A", &good), 0, "factory: get_state(A)");
+        tap_ok(good, "factory: A is good");
+        good = true;
+        tap_is_int(bootloader_get_state(b, "B", &good), 0, "factory: get_state(B)");
+        tap_ok(!good, "factory: B is not bootable (it may be empty)");
+        tap_is_int(bootloader_get_primary(b, &primary), 0, "factory: get_primary");
+        tap_is_str(primary, "A", "factory: A is primary");
+        free(primary);
+        primary = NULL;
+
+        /* GRUB booted A (A_TRY=1) and nobody marked it good: still A */
+        run("grub-editenv '%s' set A_TRY=1", f);
+        tap_is_int(bootloader_get_primary(b, &primary), 0, "factory, A tried, not marked good: get_primary");
+        tap_is_str(primary, "A", "factory, A tried, not marked good: A again, never B");
+        free(primary);
+        primary = NULL;
+
+        /* the first boot's mark_good(A) does not make B bootable */
+        tap_is_int(bootloader_mark_good(b, "A"), 0, "factory: mark_good(A)");
+        good = true;
+        tap_is_int(bootloader_get_state(b, "B", &good), 0, "get_state(B) after mark_good(A)");
+        tap_ok(!good, "B still not bootable after mark_good(A)");
+        list = oracle_list(f);
+        tap_ok(list && !strstr(list, "B_OK=1"), "grub-editenv sees no B_OK=1");
+        free(list);
+
+        /* mark_bad(A) on a device whose B was never written: refused, A stays */
+        tap_ok(bootloader_mark_bad(b, "A") < 0, "mark_bad(A) with no bootable B is refused");
+        tap_is_int(bootloader_get_primary(b, &primary), 0, "get_primary after the refused mark_bad(A)");
+        tap_is_str(primary, "A", "A stays primary");
+        free(primary);
+        primary = NULL;
+
+        /* only set_try_once makes B bootable */
+        tap_is_int(bootloader_set_try_once(b, "B"), 0, "set_try_once(B)");
+        tap_is_int(bootloader_get_primary(b, &primary), 0, "get_primary");
+        tap_is_str(primary, "B", "B boots next");
+        free(primary);
+        primary = NULL;
+        bootloader_free(b);
+        config_free(c);
+
+        /* no grubenv at all: GRUB's load_env fails and the defaults boot A;
+         * we read it the same way, and refuse to create it (a missing file
+         * may be an unmounted /boot: GRUB would never see ours) */
+        cm = grub_config(missing);
+        tap_ok(cm && bootloader_new(cm, &bm) == 0, "grub bootloader on a missing grubenv");
+        tap_is_int(bootloader_get_primary(bm, &primary), 0, "missing grubenv: get_primary");
+        tap_is_str(primary, "A", "missing grubenv: A is primary");
+        free(primary);
+        good = true;
+        tap_is_int(bootloader_get_state(bm, "B", &good), 0, "missing grubenv: get_state(B)");
+        tap_ok(!good, "missing grubenv: B is not bootable");
+        tap_ok(bootloader_set_try_once(bm, "B") < 0, "missing grubenv: set_try_once(B) refused");
+        tap_ok(access(missing, F_OK) < 0, "and no grubenv was created");
+        bootloader_free(bm);
+        config_free(cm);
+        free(f);
+        free(missing);
+}
+
 int main(void) {
         if (!have_tool("grub-editenv")) {
                 printf("1..0 # SKIP grub-editenv (grub-common) not installed\n");
@@ -212,6 +286,7 @@ int main(void) {
         test_refuses_torn_and_foreign_blocks();
         test_too_big();
         test_rauc_scheme();
+        test_factory_state();
         remove_scratch(dir);
         free(dir);
         return tap_done();

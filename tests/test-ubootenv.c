@@ -2,7 +2,8 @@
 /* Unit tests of the U-Boot bootloader backend (libubootenv) on plain files,
  * with fw_printenv/fw_setenv (libubootenv-tool) and mkenvimage (u-boot-tools)
  * as oracles: single and redundant environments, a blank environment
- * refused, a corrupted newest copy falling back to the older one. */
+ * read as the boot script does and never written, a corrupted newest copy
+ * falling back to the older one, the factory state. */
 #include "bootloader.h"
 #include "installer-test-util.h"
 
@@ -145,14 +146,15 @@ static void test_redundant_copies(void) {
         primary_is(b, "B", "redundant, after set_try_once(B)");
 
         /* tear the newest copy: both fw_printenv and we fall back to the
-         * copy before it, written by mark_good(A) */
+         * copy before it, written by mark_good(A) on a factory
+         * environment (B not in BOOT_ORDER) */
         f0 = flag_at(env, 0);
         f1 = flag_at(env, 0x4000);
         tap_ok(f0 > 0 && f1 > 0 && f0 != f1, "two copies with different flags (%d, %d)", f0, f1);
         newest = f0 > f1 ? 0 : 0x4000;
         tap_is_int(run("printf 'XXXXXXXX' | dd of='%s' bs=1 seek=%ld conv=notrunc status=none", env, newest + 20), 0,
                    "corrupt the newest copy");
-        var_is(cfg, "BOOT_ORDER", "A B");
+        var_is(cfg, "BOOT_ORDER", "A");
         primary_is(b, "A", "newest copy corrupt: the older copy counts");
 
         /* and the next write goes on from the older copy */
@@ -191,6 +193,80 @@ static void test_two_files(void) {
         free(defaults);
 }
 
+static bool state_is(struct bootloader *b, const char *slot, bool want, const char *what) {
+        bool good = !want;
+        int r = bootloader_get_state(b, slot, &good);
+        bool ok = tap_ok(r == 0 && good == want, "%s: %s is %s", what, slot, want ? "good" : "not bootable");
+
+        if (!ok)
+                tap_diag("  got r=%d good=%d", r, good);
+        return ok;
+}
+
+/* The factory state: a blank environment (erased storage, U-Boot runs on
+ * its built-in default environment) or one without otad's variables means
+ * what the documented boot script does with it: A boots, B is not bootable
+ * until otad has written and verified it (set_try_once). */
+static void test_factory_state(void) {
+        char *env = xprintf("%s/factory.env", dir), *cfg = xprintf("%s/factory.config", dir);
+        char *defaults = xprintf("%s/defaults.txt", dir);
+        struct otad_config *c;
+        struct bootloader *b = NULL;
+        char *before, *after;
+
+        run("echo '%s 0x0 0x4000' > '%s'", env, cfg);
+        run("head -c 16384 /dev/zero | tr '\\0' '\\377' > '%s'", env); /* erased flash */
+        c = uboot_config(cfg);
+        tap_ok(c && bootloader_new(c, &b) == 0, "uboot bootloader on an erased environment");
+        primary_is(b, "A", "erased environment");
+        state_is(b, "A", true, "erased environment");
+        state_is(b, "B", false, "erased environment");
+        before = capture("sha256sum < '%s'", env);
+        tap_is_int(bootloader_mark_good(b, "A"), -EIO, "erased environment: mark_good(A) refused (-EIO)");
+        tap_is_int(bootloader_set_try_once(b, "B"), -EIO, "erased environment: set_try_once(B) refused (-EIO)");
+        after = capture("sha256sum < '%s'", env);
+        tap_is_str(after, before, "erased environment left untouched");
+        free(before);
+        free(after);
+
+        /* provisioned on the device as otad.conf(5) says: U-Boot's defaults
+         * from u-boot-initial-env, BOOT_ORDER=A */
+        tap_is_int(run("fw_setenv -c '%s' -f '%s' BOOT_ORDER A 2>/dev/null", cfg, defaults), 0,
+                   "fw_setenv -f u-boot-initial-env BOOT_ORDER A");
+        var_is(cfg, "bootcmd", "run distro_bootcmd");
+        primary_is(b, "A", "provisioned with fw_setenv -f");
+        state_is(b, "A", true, "provisioned with fw_setenv -f");
+        state_is(b, "B", false, "provisioned with fw_setenv -f");
+
+        /* provisioned with U-Boot's default environment and nothing of ours */
+        tap_is_int(run("mkenvimage -s 0x4000 -o '%s' '%s'", env, defaults), 0, "mkenvimage: U-Boot defaults only");
+        primary_is(b, "A", "defaults only");
+        state_is(b, "A", true, "defaults only");
+        state_is(b, "B", false, "defaults only");
+        /* U-Boot booted A three times and nobody marked it good: the script
+         * gives the slots of BOOT_ORDER new tries, which is A alone */
+        tap_is_int(run("fw_setenv -c '%s' BOOT_A_LEFT 0", cfg), 0, "fw_setenv BOOT_A_LEFT 0 (A used its tries)");
+        primary_is(b, "A", "A out of tries on a factory device");
+        state_is(b, "B", false, "A out of tries on a factory device");
+        tap_is_int(bootloader_mark_good(b, "A"), 0, "mark_good(A)");
+        var_is(cfg, "BOOT_ORDER", "A");
+        var_is(cfg, "BOOT_A_LEFT", "3");
+        var_is(cfg, "bootcmd", "run distro_bootcmd");
+        state_is(b, "B", false, "after mark_good(A)");
+        tap_ok(bootloader_mark_bad(b, "A") < 0, "mark_bad(A) with no bootable B is refused");
+        var_is(cfg, "BOOT_ORDER", "A");
+        tap_is_int(bootloader_set_try_once(b, "B"), 0, "set_try_once(B)");
+        var_is(cfg, "BOOT_ORDER", "B A");
+        var_is(cfg, "BOOT_B_LEFT", "1");
+        primary_is(b, "B", "after set_try_once(B)");
+
+        bootloader_free(b);
+        config_free(c);
+        free(env);
+        free(cfg);
+        free(defaults);
+}
+
 static void test_missing_config(void) {
         char *cfg = xprintf("%s/nonexistent.config", dir);
         struct otad_config *c = uboot_config(cfg);
@@ -213,6 +289,7 @@ int main(void) {
         test_single_copy();
         test_redundant_copies();
         test_two_files();
+        test_factory_state();
         test_missing_config();
         remove_scratch(dir);
         free(dir);

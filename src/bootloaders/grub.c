@@ -5,51 +5,30 @@
  * may boot at all, <slot>_TRY=1 that it has been booted and not marked good
  * since. GRUB boots the first slot of ORDER with OK=1 and TRY=0 and sets its
  * TRY=1 (save_env) before booting it: so a slot that is not marked good while
- * running is not booted again, and the next slot of ORDER is.
+ * running is not booted again, and the next slot of ORDER is. When every
+ * slot with OK=1 has been tried, GRUB starts over with them.
  *
  *   set_try_once(X): ORDER="X ...", X_OK=1, X_TRY=0
  *   mark_good(X):    ORDER="X ...", X_OK=1, X_TRY=0
  *   mark_bad(X):     ORDER="... X", X_OK=0, X_TRY=0; the other slots that
- *                    are OK get TRY=0, so the first of them boots next
+ *                    are OK get TRY=0, so the first of them boots next.
+ *                    Refused when no other slot has OK=1: GRUB would have
+ *                    nothing to boot
  *   get_primary:     the first slot of ORDER with OK=1 and TRY=0, else
  *                    (all tried) the first with OK=1, as grub.cfg does
  *   get_state(X):    good = X in ORDER, X_OK=1 and X_TRY=0
  *
- * A variable missing from the file reads as the grub.cfg below defaults it:
- * ORDER = the configured bootnames, <slot>_OK=1, <slot>_TRY=0. Unrelated
+ * A variable missing from the file reads as the grub.cfg defaults it:
+ * ORDER = the configured bootnames, <slot>_TRY=0, and <slot>_OK=1 for the
+ * factory slot (the first configured, A) but 0 for the others: on a fresh
+ * device B may be empty, and only set_try_once() (after otad wrote and
+ * verified it) makes it bootable. A missing grubenv reads the same (GRUB's
+ * load_env fails and the defaults stand) but is not created: it may sit on
+ * a /boot that is not mounted, where GRUB would never see it. Unrelated
  * variables in the file are kept.
  *
- * grub.cfg (for slots A and B; rootA/rootB are filesystem labels):
- *
- *   set ORDER="A B"
- *   set A_OK=1
- *   set A_TRY=0
- *   set B_OK=1
- *   set B_TRY=0
- *   load_env --file=$prefix/grubenv ORDER A_OK A_TRY B_OK B_TRY
- *   set slot=
- *   for s in $ORDER; do
- *     if [ -z "$slot" ]; then
- *       if [ "$s" = A -a "$A_OK" = 1 -a "$A_TRY" = 0 ]; then set slot=A; set A_TRY=1; fi
- *       if [ "$s" = B -a "$B_OK" = 1 -a "$B_TRY" = 0 ]; then set slot=B; set B_TRY=1; fi
- *     fi
- *   done
- *   if [ -z "$slot" ]; then
- *     # every slot has been tried: start over with the ones not marked bad
- *     if [ "$A_OK" = 1 ]; then set A_TRY=0; fi
- *     if [ "$B_OK" = 1 ]; then set B_TRY=0; fi
- *     for s in $ORDER; do
- *       if [ -z "$slot" -a "$s" = A -a "$A_OK" = 1 ]; then set slot=A; set A_TRY=1; fi
- *       if [ -z "$slot" -a "$s" = B -a "$B_OK" = 1 ]; then set slot=B; set B_TRY=1; fi
- *     done
- *   fi
- *   save_env --file=$prefix/grubenv A_TRY B_TRY
- *   if [ "$slot" = B ]; then set rlabel=rootB; else set rlabel=rootA; fi
- *   search --no-floppy --label --set=root $rlabel
- *   menuentry "slot $slot" {
- *     linux /boot/vmlinuz root=LABEL=$rlabel ro otad.slot=$slot
- *     initrd /boot/initrd.img
- *   }
+ * The grub.cfg is in otad.conf(5), BOOTLOADER SCHEMES, and only there:
+ * tests/test-grub-boot.c runs that text in GRUB.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -66,9 +45,19 @@ static const char *grubenv_path(const struct bootloader *b) {
         return b->config->bootloader.grubenv;
 }
 
-static int grub_load(struct bootloader *b, struct grubenv *ret) {
+/* The variables as GRUB sees them. A missing file is an empty environment
+ * for a read (GRUB boots by the grub.cfg defaults then) and an error for a
+ * write, which must edit the file GRUB reads. */
+static int grub_load(struct bootloader *b, bool for_write, struct grubenv *ret) {
         int r = grubenv_read(grubenv_path(b), ret);
 
+        if (r == -ENOENT && !for_write) {
+                *ret = (struct grubenv) { 0 };
+                return 0;
+        }
+        if (r == -ENOENT)
+                return log_error_errno(r, "GRUB environment %s does not exist; create it when provisioning the device (grub-editenv %s create), otad does not",
+                                       grubenv_path(b), grubenv_path(b));
         if (r == -EBADMSG)
                 return log_error_errno(-EIO, "GRUB environment %s is not a %d-byte block starting with '%.24s' (torn write?), refusing to use it",
                                        grubenv_path(b), GRUBENV_SIZE, GRUBENV_HEADER);
@@ -112,6 +101,11 @@ static int flag_of(const struct grubenv *env, const char *bootname, const char *
         return strcmp(v, "1") == 0 ? 1 : 0;
 }
 
+/* <slot>_OK, defaulting as grub.cfg does: only the factory slot. */
+static int slot_ok(const struct bootloader *b, const struct grubenv *env, const char *bootname) {
+        return flag_of(env, bootname, "OK", strcmp(bootname, bootloader_factory_slot(b)) == 0);
+}
+
 static int set_flag(struct grubenv *env, const char *bootname, const char *suffix, int value) {
         char name[128];
 
@@ -136,11 +130,11 @@ static int grub_get_primary(struct bootloader *b, char **ret_bootname) {
         char *save = NULL, *found = NULL;
         int r;
 
-        r = grub_load(b, &env);
+        r = grub_load(b, false, &env);
         if (r < 0)
                 return r;
         r = current_order(b, &env, &order);
-        /* two passes, as the grub.cfg below: a slot not tried yet, else
+        /* two passes, as grub.cfg: a slot not tried yet, else
          * (every slot tried) the first one not marked bad */
         for (int pass = 0; r >= 0 && pass < 2 && !found; pass++) {
                 _cleanup_free_ char *words = strdup(order);
@@ -150,7 +144,7 @@ static int grub_get_primary(struct bootloader *b, char **ret_bootname) {
                         break;
                 }
                 for (char *w = strtok_r(words, " \t", &save); w; w = strtok_r(NULL, " \t", &save))
-                        if (bootloader_knows(b, w) && flag_of(&env, w, "OK", 1) &&
+                        if (bootloader_knows(b, w) && slot_ok(b, &env, w) &&
                             (pass == 1 || !flag_of(&env, w, "TRY", 0))) {
                                 found = strdup(w);
                                 r = found ? 0 : -ENOMEM;
@@ -172,12 +166,12 @@ static int grub_get_state(struct bootloader *b, const char *bootname, bool *ret_
         _cleanup_free_ char *order = NULL;
         int r;
 
-        r = grub_load(b, &env);
+        r = grub_load(b, false, &env);
         if (r < 0)
                 return r;
         r = current_order(b, &env, &order);
         if (r >= 0)
-                *ret_good = bootloader_order_has(order, bootname) && flag_of(&env, bootname, "OK", 1) &&
+                *ret_good = bootloader_order_has(order, bootname) && slot_ok(b, &env, bootname) &&
                             !flag_of(&env, bootname, "TRY", 0);
         grubenv_done(&env);
         return r;
@@ -188,7 +182,7 @@ static int grub_make_primary(struct bootloader *b, const char *bootname) {
         _cleanup_free_ char *order = NULL, *new_order = NULL;
         int r;
 
-        r = grub_load(b, &env);
+        r = grub_load(b, true, &env);
         if (r < 0)
                 return r;
         r = current_order(b, &env, &order);
@@ -219,9 +213,10 @@ static int grub_mark_good(struct bootloader *b, const char *bootname) {
 static int grub_mark_bad(struct bootloader *b, const char *bootname) {
         struct grubenv env = { 0 };
         _cleanup_free_ char *order = NULL, *new_order = NULL;
+        bool other_bootable = false;
         int r;
 
-        r = grub_load(b, &env);
+        r = grub_load(b, true, &env);
         if (r < 0)
                 return r;
         r = current_order(b, &env, &order);
@@ -235,9 +230,17 @@ static int grub_mark_bad(struct bootloader *b, const char *bootname) {
                 r = set_flag(&env, bootname, "TRY", 0);
         /* switch back: the slots not marked bad may boot again, even if
          * they were tried since they were last marked good */
-        for (size_t i = 0; r >= 0 && i < b->n_bootnames; i++)
-                if (strcmp(b->bootnames[i], bootname) != 0 && flag_of(&env, b->bootnames[i], "OK", 1))
-                        r = set_flag(&env, b->bootnames[i], "TRY", 0);
+        for (size_t i = 0; r >= 0 && i < b->n_bootnames; i++) {
+                const char *other = b->bootnames[i];
+
+                if (strcmp(other, bootname) == 0 || !slot_ok(b, &env, other))
+                        continue;
+                r = set_flag(&env, other, "TRY", 0);
+                other_bootable = other_bootable || bootloader_order_has(new_order, other);
+        }
+        if (r >= 0 && !other_bootable)
+                r = log_error_errno(-ENOENT, "GRUB environment %s: no slot but %s may boot (ORDER=\"%s\"), refusing to mark it bad: GRUB would have nothing to boot",
+                                    grubenv_path(b), bootname, order);
         if (r >= 0)
                 r = grub_store(b, &env);
         grubenv_done(&env);

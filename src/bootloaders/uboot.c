@@ -7,52 +7,31 @@
  * number of boots the slot has left (hexadecimal, as setexpr writes it).
  * U-Boot boots the first slot of BOOT_ORDER with tries left and decrements
  * its counter first, so a slot that is not marked good while running runs
- * out of tries and the next slot of BOOT_ORDER boots.
+ * out of tries and the next slot of BOOT_ORDER boots. When no slot of
+ * BOOT_ORDER has tries left, the script gives each of them 3 again.
  *
  *   set_try_once(X): BOOT_ORDER="X ...", BOOT_X_LEFT=1
  *   mark_good(X):    BOOT_ORDER="X ...", BOOT_X_LEFT=3
  *   mark_bad(X):     X leaves BOOT_ORDER, BOOT_X_LEFT=0; the slots left in
- *                    BOOT_ORDER get their tries back (3)
- *   get_primary:     the first slot of BOOT_ORDER with BOOT_<slot>_LEFT > 0
+ *                    BOOT_ORDER get their tries back (3). Refused when no
+ *                    slot would be left in BOOT_ORDER
+ *   get_primary:     the first slot of BOOT_ORDER with BOOT_<slot>_LEFT > 0,
+ *                    else (all out of tries) the first slot of BOOT_ORDER
  *   get_state(X):    good = X in BOOT_ORDER and BOOT_X_LEFT > 0
  *
- * Missing variables read as the boot script defaults them (BOOT_ORDER = the
- * configured bootnames, BOOT_<slot>_LEFT=3). A blank environment (no copy
- * with a valid CRC) is refused: libubootenv would then write an environment
- * holding only our variables, and U-Boot would lose bootcmd and the rest.
+ * Missing variables read as the boot script defaults them: BOOT_ORDER = the
+ * factory slot alone (the first configured, A), BOOT_<factory>_LEFT=3 and
+ * BOOT_<other>_LEFT=0: on a fresh device B may be empty, and only
+ * set_try_once() (after otad wrote and verified it) brings it into
+ * BOOT_ORDER. A blank environment (no copy with a valid CRC: erased
+ * storage, on which U-Boot boots with its built-in default environment,
+ * which has none of these variables) reads the same, but is never written:
+ * libubootenv would write one holding only our variables, and U-Boot would
+ * lose bootcmd and the rest. The boot script's saveenv at the first boot
+ * stores U-Boot's own.
  *
- * U-Boot boot script (slots A and B on mmc 0, partitions 2 and 3), in the
- * form of RAUC's contrib/uboot.sh, whose hush quirks (the quoted for list,
- * the "x" comparisons, the 0x prefix for setexpr's hex) are proven on
- * hardware; untested by otad's suite, which has no U-Boot to run it:
- *
- *   test -n "${BOOT_ORDER}" || setenv BOOT_ORDER "A B"
- *   test -n "${BOOT_A_LEFT}" || setenv BOOT_A_LEFT 3
- *   test -n "${BOOT_B_LEFT}" || setenv BOOT_B_LEFT 3
- *   setenv rootpart
- *   for BOOT_SLOT in "${BOOT_ORDER}"; do
- *     if test "x${rootpart}" != "x"; then
- *       # a slot was chosen, skip the rest
- *     elif test "x${BOOT_SLOT}" = "xA"; then
- *       if test 0x${BOOT_A_LEFT} -gt 0; then
- *         setexpr BOOT_A_LEFT ${BOOT_A_LEFT} - 1
- *         setenv rootpart 2; setenv slot A
- *       fi
- *     elif test "x${BOOT_SLOT}" = "xB"; then
- *       if test 0x${BOOT_B_LEFT} -gt 0; then
- *         setexpr BOOT_B_LEFT ${BOOT_B_LEFT} - 1
- *         setenv rootpart 3; setenv slot B
- *       fi
- *     fi
- *   done
- *   if test "x${rootpart}" = "x"; then
- *     echo "No slot has tries left, resetting"
- *     setenv BOOT_A_LEFT 3; setenv BOOT_B_LEFT 3; saveenv; reset
- *   fi
- *   saveenv
- *   setenv bootargs "${bootargs} root=/dev/mmcblk0p${rootpart} rootwait otad.slot=${slot}"
- *   load mmc 0:${rootpart} ${kernel_addr_r} /boot/Image
- *   booti ${kernel_addr_r} - ${fdt_addr_r}
+ * The boot script is in otad.conf(5), BOOTLOADER SCHEMES, and only there:
+ * tests/test-uboot-boot.c runs that text in U-Boot.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -81,8 +60,10 @@ static void uboot_ctx_freep(struct uboot_ctx **ctx) {
 }
 
 /* A fresh context each time: a read-back must come from the storage, not
- * from the library's copy in memory. */
-static int uboot_open(struct bootloader *b, struct uboot_ctx **ret) {
+ * from the library's copy in memory. A blank environment gives *ret = NULL
+ * to a reader (U-Boot runs on its built-in defaults, none of which are
+ * ours) and -EIO to a writer. */
+static int uboot_open(struct bootloader *b, bool for_write, struct uboot_ctx **ret) {
         struct uboot_ctx *ctx = NULL;
         int r;
 
@@ -98,42 +79,52 @@ static int uboot_open(struct bootloader *b, struct uboot_ctx **ret) {
                                        fw_env_config(b));
         }
         r = libuboot_open(ctx);
-        if (r < 0)
+        if (r < 0) {
                 /* libuboot_open() takes /var/lock/fw_printenv.lock even when
                  * it fails, and only libuboot_close() lets go of it */
                 libuboot_close(ctx);
-        if (r == -ENODATA) {
                 libuboot_exit(ctx);
-                return log_error_errno(-EIO, "U-Boot environment named by %s is blank or has no copy with a valid CRC; refusing to write one that would hold only otad's variables. Initialise it first (fw_setenv -c %s -f <defaults file>)",
-                                       fw_env_config(b), fw_env_config(b));
         }
-        if (r < 0) {
-                libuboot_exit(ctx);
+        if (r == -ENODATA && !for_write) {
+                *ret = NULL;
+                return 0;
+        }
+        if (r == -ENODATA)
+                return log_error_errno(-EIO, "U-Boot environment named by %s is blank (no copy with a valid CRC); refusing to write one that would hold only otad's variables. U-Boot stores its own at the first boot through the documented boot script (saveenv), or provision it (see otad.conf(5), FACTORY PROVISIONING)",
+                                       fw_env_config(b));
+        if (r < 0)
                 return log_error_errno(r, "Failed to read the U-Boot environment named by %s: %m", fw_env_config(b));
-        }
         *ret = ctx;
         return 0;
 }
 
-static unsigned long tries_left(struct uboot_ctx *ctx, const char *bootname) {
+/* A variable, or NULL when it is unset or the environment is blank. */
+static char *uboot_get(struct uboot_ctx *ctx, const char *name) {
+        return ctx ? libuboot_get_env(ctx, name) : NULL;
+}
+
+/* BOOT_<slot>_LEFT, defaulting as the boot script does. */
+static unsigned long tries_left(const struct bootloader *b, struct uboot_ctx *ctx, const char *bootname) {
         char name[128];
         _cleanup_free_ char *v = NULL;
 
         snprintf(name, sizeof(name), "BOOT_%s_LEFT", bootname);
-        v = libuboot_get_env(ctx, name);
+        v = uboot_get(ctx, name);
         if (!v)
-                return UBOOT_TRIES_GOOD;
+                return strcmp(bootname, bootloader_factory_slot(b)) == 0 ? UBOOT_TRIES_GOOD : 0;
         return strtoul(v, NULL, 16);
 }
 
+/* BOOT_ORDER, defaulting as the boot script does: the factory slot alone. */
 static int current_order(const struct bootloader *b, struct uboot_ctx *ctx, char **ret) {
-        char *o = libuboot_get_env(ctx, "BOOT_ORDER");
+        char *o = uboot_get(ctx, "BOOT_ORDER");
 
-        if (o) {
-                *ret = o;
-                return 0;
-        }
-        return bootloader_order(b, NULL, NULL, NULL, false, ret);
+        if (!o)
+                o = strdup(bootloader_factory_slot(b));
+        if (!o)
+                return -ENOMEM;
+        *ret = o;
+        return 0;
 }
 
 struct uboot_var {
@@ -161,9 +152,12 @@ static int uboot_store(struct bootloader *b, struct uboot_ctx **ctxp, const stru
         uboot_ctx_freep(&ctx);
         ctx = NULL;
 
-        r = uboot_open(b, &back);
+        r = uboot_open(b, false, &back);
         if (r < 0)
                 return -EIO;
+        if (!back)
+                return log_error_errno(-EIO, "U-Boot environment named by %s reads back blank right after writing it, refusing to continue",
+                                       fw_env_config(b));
         for (size_t i = 0; i < n; i++) {
                 _cleanup_free_ char *v = libuboot_get_env(back, vars[i].name);
 
@@ -177,22 +171,30 @@ static int uboot_store(struct bootloader *b, struct uboot_ctx **ctxp, const stru
 static int uboot_get_primary(struct bootloader *b, char **ret_bootname) {
         _cleanup_(uboot_ctx_freep) struct uboot_ctx *ctx = NULL;
         _cleanup_free_ char *order = NULL;
-        char *save = NULL;
         int r;
 
-        r = uboot_open(b, &ctx);
+        r = uboot_open(b, false, &ctx);
         if (r < 0)
                 return r;
         r = current_order(b, ctx, &order);
         if (r < 0)
                 return r;
-        for (char *w = strtok_r(order, " \t", &save); w; w = strtok_r(NULL, " \t", &save)) {
-                if (!bootloader_knows(b, w) || tries_left(ctx, w) == 0)
-                        continue;
-                *ret_bootname = strdup(w);
-                return *ret_bootname ? 0 : -ENOMEM;
+        /* two passes, as the boot script: a slot with tries left, else
+         * (all out of tries) the first of BOOT_ORDER, given tries again */
+        for (int pass = 0; pass < 2; pass++) {
+                _cleanup_free_ char *words = strdup(order);
+                char *save = NULL;
+
+                if (!words)
+                        return -ENOMEM;
+                for (char *w = strtok_r(words, " \t", &save); w; w = strtok_r(NULL, " \t", &save)) {
+                        if (!bootloader_knows(b, w) || (pass == 0 && tries_left(b, ctx, w) == 0))
+                                continue;
+                        *ret_bootname = strdup(w);
+                        return *ret_bootname ? 0 : -ENOMEM;
+                }
         }
-        return log_error_errno(-ENOENT, "U-Boot environment: no slot of BOOT_ORDER=\"%s\" has tries left", order);
+        return log_error_errno(-ENOENT, "U-Boot environment: no slot of BOOT_ORDER=\"%s\" is bootable", order);
 }
 
 static int uboot_get_state(struct bootloader *b, const char *bootname, bool *ret_good) {
@@ -200,13 +202,13 @@ static int uboot_get_state(struct bootloader *b, const char *bootname, bool *ret
         _cleanup_free_ char *order = NULL;
         int r;
 
-        r = uboot_open(b, &ctx);
+        r = uboot_open(b, false, &ctx);
         if (r < 0)
                 return r;
         r = current_order(b, ctx, &order);
         if (r < 0)
                 return r;
-        *ret_good = bootloader_order_has(order, bootname) && tries_left(ctx, bootname) > 0;
+        *ret_good = bootloader_order_has(order, bootname) && tries_left(b, ctx, bootname) > 0;
         return 0;
 }
 
@@ -216,7 +218,7 @@ static int uboot_make_primary(struct bootloader *b, const char *bootname, unsign
         struct uboot_var vars[2];
         int r;
 
-        r = uboot_open(b, &ctx);
+        r = uboot_open(b, true, &ctx);
         if (r < 0)
                 return r;
         r = current_order(b, ctx, &order);
@@ -242,12 +244,13 @@ static int uboot_mark_good(struct bootloader *b, const char *bootname) {
 static int uboot_mark_bad(struct bootloader *b, const char *bootname) {
         _cleanup_(uboot_ctx_freep) struct uboot_ctx *ctx = NULL;
         _cleanup_free_ char *order = NULL, *new_order = NULL;
-        struct uboot_var *vars = NULL;
+        _cleanup_free_ struct uboot_var *vars = NULL;
+        bool other_bootable = false;
         size_t n = 0;
         char *save = NULL;
         int r;
 
-        r = uboot_open(b, &ctx);
+        r = uboot_open(b, true, &ctx);
         if (r < 0)
                 return r;
         r = current_order(b, ctx, &order);
@@ -265,14 +268,18 @@ static int uboot_mark_bad(struct bootloader *b, const char *bootname) {
         /* switch back: what is left in BOOT_ORDER may boot again */
         for (char *w = strtok_r(new_order, " \t", &save); w && n < b->n_bootnames + 2;
              w = strtok_r(NULL, " \t", &save)) {
-                if (!bootloader_knows(b, w) || tries_left(ctx, w) > 0)
+                if (!bootloader_knows(b, w))
+                        continue;
+                other_bootable = true;
+                if (tries_left(b, ctx, w) > 0)
                         continue;
                 snprintf(vars[n].name, sizeof(vars[n].name), "BOOT_%s_LEFT", w);
                 snprintf(vars[n++].value, sizeof(vars[0].value), "%x", UBOOT_TRIES_GOOD);
         }
-        r = uboot_store(b, &ctx, vars, n);
-        free(vars);
-        return r;
+        if (!other_bootable)
+                return log_error_errno(-ENOENT, "U-Boot environment: no slot but %s is in BOOT_ORDER=\"%s\", refusing to mark it bad: U-Boot would have nothing to boot",
+                                       bootname, order);
+        return uboot_store(b, &ctx, vars, n);
 }
 
 const struct bootloader_ops bootloader_uboot_ops = {
