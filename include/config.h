@@ -138,10 +138,8 @@ struct otad_config {
 /* Parses path into a new config. On error, logs "path:line: what" and
  * returns a negative errno; *ret is untouched. */
 int config_load(const char *path, struct otad_config **ret);
-/* Checks what --check-config promises beyond syntax: referenced files exist,
- * private keys are not group/world readable. Logs every problem, returns
- * -ENOENT/-EPERM/... for the first one, 0 when all is well. */
-int config_check_files(const struct otad_config *config);
+/* What the values point to (files, certificates) is config_check()'s
+ * business. */
 void config_free(struct otad_config *config);
 
 const char *target_type_to_string(enum target_type t);

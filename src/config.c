@@ -8,8 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "config.h"
 #include "log.h"
@@ -587,55 +585,6 @@ fail:
         parser_done(&p);
         config_free(c);
         return r;
-}
-
-static int check_exists(const char *path, const char *what, bool want_dir) {
-        struct stat st;
-
-        if (stat(path, &st) < 0)
-                return log_error_errno(-errno, "%s %s: %m", what, path);
-        if (want_dir && !S_ISDIR(st.st_mode))
-                return log_error_errno(-ENOTDIR, "%s %s is not a directory", what, path);
-        if (!want_dir && S_ISDIR(st.st_mode))
-                return log_error_errno(-EISDIR, "%s %s is a directory", what, path);
-        return 0;
-}
-
-/* A private key others can read is a stolen device identity waiting to
- * happen; refuse it like ssh does. */
-static int check_private_key(const char *path) {
-        struct stat st;
-
-        if (stat(path, &st) < 0)
-                return log_error_errno(-errno, "key_file %s: %m", path);
-        if (st.st_mode & (S_IRWXG | S_IRWXO))
-                return log_error_errno(-EPERM, "key_file %s is accessible by group or others (mode %04o); run chmod 600 %s",
-                                       path, (unsigned) (st.st_mode & 07777), path);
-        return 0;
-}
-
-int config_check_files(const struct otad_config *c) {
-        int first = 0, r;
-
-#define CHECK(expr) do { r = (expr); if (r < 0 && first == 0) first = r; } while (0)
-        CHECK(check_exists(c->mqtt.ca_file, "ca_file", false));
-        CHECK(check_exists(c->mqtt.cert_file, "cert_file", false));
-        CHECK(check_private_key(c->mqtt.key_file));
-        if (c->n_targets > 0)
-                CHECK(check_exists(c->ota.trust_dir, "trust_dir", true));
-        if (*c->ota.signing_ca)
-                CHECK(check_exists(c->ota.signing_ca, "signing_ca", false));
-        for (size_t i = 0; i < c->n_targets; i++)
-                if (c->targets[i].type == TARGET_FILE)
-                        CHECK(check_exists(c->targets[i].directory, "target directory", true));
-        for (size_t i = 0; i < c->n_slots; i++)
-                CHECK(check_exists(c->slots[i].device, "slot device", false));
-        if (c->bootloader.type == BOOTLOADER_GRUB)
-                CHECK(check_exists(c->bootloader.grubenv, "grubenv", false));
-        if (c->bootloader.type == BOOTLOADER_UBOOT)
-                CHECK(check_exists(c->bootloader.fw_env_config, "fw_env_config", false));
-#undef CHECK
-        return first;
 }
 
 static void free_strings(const char *section, void *base) {

@@ -1,15 +1,21 @@
 /* SPDX-License-Identifier: MIT */
-/* The configuration parser: every error path is asserted by the message a
- * user would see, with its file and line. */
+/* The configuration parser and --check-config: every error path is
+ * asserted by the message a user would see, with its file and line. */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
 #include "config.h"
+#include "config_check.h"
 #include "log.h"
 #include "macro.h"
 #include "tap.h"
@@ -56,18 +62,10 @@ static int do_load(const void *path, void *ret) {
         return config_load(path, ret);
 }
 
-static int do_check_files(const void *config, void *unused) {
-        return config_check_files(config);
-}
-
 /* Loads text as a config file with stderr captured. */
 static int load(const char *text, struct otad_config **ret) {
         write_file(conf_path, text, 0644);
         return capture(do_load, conf_path, ret);
-}
-
-static int check_files(const struct otad_config *c) {
-        return capture(do_check_files, c, NULL);
 }
 
 static bool said(const char *what) {
@@ -244,6 +242,89 @@ static void test_missing_file(void) {
                "a missing config file is named with the reason");
 }
 
+static void path_in_dir(char *buf, size_t size, const char *name) {
+        snprintf(buf, size, "%s/%s", dir, name);
+}
+
+/* Test PKI made here with OpenSSL: P-256 keys, self-signed certificates
+ * valid from now + from_days until now + to_days. */
+static EVP_PKEY *new_key(const char *type) {
+        EVP_PKEY *key = strcmp(type, "EC") == 0 ? EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256")
+                                                : EVP_PKEY_Q_keygen(NULL, NULL, type);
+        if (!key)
+                exit(2);
+        return key;
+}
+
+static X509 *new_cert(EVP_PKEY *key, const char *cn, long from_days, long to_days) {
+        X509 *x = X509_new();
+
+        if (!x || X509_set_version(x, 2) != 1 || ASN1_INTEGER_set(X509_get_serialNumber(x), 1) != 1 ||
+            !X509_gmtime_adj(X509_getm_notBefore(x), from_days * 86400) ||
+            !X509_gmtime_adj(X509_getm_notAfter(x), to_days * 86400) || X509_set_pubkey(x, key) != 1 ||
+            X509_NAME_add_entry_by_txt(X509_get_subject_name(x), "CN", MBSTRING_ASC, (const unsigned char *) cn, -1, -1, 0) != 1 ||
+            X509_set_issuer_name(x, X509_get_subject_name(x)) != 1 || X509_sign(x, key, EVP_sha256()) <= 0)
+                exit(2);
+        return x;
+}
+
+/* Writes the certificates (NULL-terminated) to dir/name. */
+static void write_certs(const char *name, X509 *const *certs) {
+        char path[600];
+        FILE *f;
+
+        path_in_dir(path, sizeof(path), name);
+        f = fopen(path, "w");
+        for (; f && *certs; certs++)
+                if (PEM_write_X509(f, *certs) != 1)
+                        exit(2);
+        if (!f || fclose(f) != 0)
+                exit(2);
+        chmod(path, 0644);
+}
+
+static void write_cert(const char *name, EVP_PKEY *key, long from_days, long to_days) {
+        X509 *cert = new_cert(key, name, from_days, to_days);
+
+        write_certs(name, (X509 *const[]){ cert, NULL });
+        X509_free(cert);
+}
+
+static void write_key(const char *name, EVP_PKEY *key, const char *passphrase) {
+        char path[600];
+        FILE *f;
+
+        path_in_dir(path, sizeof(path), name);
+        f = fopen(path, "w");
+        if (!f || PEM_write_PrivateKey(f, key, passphrase ? EVP_aes_256_cbc() : NULL, NULL, 0, NULL,
+                                       (void *) passphrase) != 1 || fclose(f) != 0)
+                exit(2);
+        chmod(path, 0600);
+}
+
+static unsigned check_warnings;
+
+static int do_check(const void *config, void *unused) {
+        check_warnings = 0;
+        return config_check(config, &check_warnings);
+}
+
+static int check(const struct otad_config *c) {
+        return capture(do_check, c, NULL);
+}
+
+/* said(), formatted. */
+static bool saidf(const char *format, ...) __attribute__((format(printf, 1, 2)));
+static bool saidf(const char *format, ...) {
+        char what[1024];
+        va_list ap;
+
+        va_start(ap, format);
+        vsnprintf(what, sizeof(what), format, ap);
+        va_end(ap);
+        return said(what);
+}
+
 static void test_check_files(void) {
         _cleanup_free_ char *text = minimal("");
         char path[600];
@@ -253,35 +334,192 @@ static void test_check_files(void) {
                 tap_ok(false, "config for file checks loads");
                 return;
         }
-        tap_ok(check_files(c) == -ENOENT && said("ca_file") && said("/ca.crt: No such file or directory") &&
+        tap_ok(check(c) == -ENOENT && said("ca_file") && said("/ca.crt: No such file or directory") &&
                said("cert_file") && said("/gw.crt: No such file or directory") && said("key_file"),
                "check-config names every missing certificate file");
 
-        snprintf(path, sizeof(path), "%s/ca.crt", dir);
-        write_file(path, "ca\n", 0644);
-        snprintf(path, sizeof(path), "%s/gw.crt", dir);
-        write_file(path, "cert\n", 0644);
-        snprintf(path, sizeof(path), "%s/gw.key", dir);
-        write_file(path, "key\n", 0644);
-        tap_ok(check_files(c) == -EPERM && said("is accessible by group or others (mode 0644)") && said("chmod 600"),
+        {
+                EVP_PKEY *key = new_key("EC"), *ca_key = new_key("EC");
+
+                write_cert("ca.crt", ca_key, -1, 365);
+                write_cert("gw.crt", key, -1, 365);
+                write_key("gw.key", key, NULL);
+                EVP_PKEY_free(key);
+                EVP_PKEY_free(ca_key);
+        }
+        path_in_dir(path, sizeof(path), "gw.key");
+        chmod(path, 0644);
+        tap_ok(check(c) == -EPERM && said("is accessible by group or others (mode 0644)") && said("chmod 600"),
                "a world-readable private key is refused with a fix");
         chmod(path, 0640);
-        tap_ok(check_files(c) == -EPERM && said("(mode 0640)"), "a group-readable private key is refused");
+        tap_ok(check(c) == -EPERM && said("(mode 0640)"), "a group-readable private key is refused");
         chmod(path, 0600);
-        tap_is_int(check_files(c), 0, "present files with a private key pass");
+        tap_ok(check(c) == 0 && check_warnings == 0 && captured[0] == '\0', "a valid certificate and its key pass, silently");
         config_free(c);
 
         {
                 _cleanup_free_ char *with_target = minimal("[target.app]\ntype = file\ndirectory = /nonexistent-otad-dir\n"
                                                            "[ota]\ntrust_dir = /nonexistent-otad-trust\n");
                 if (load(with_target, &c) == 0) {
-                        tap_ok(check_files(c) < 0 && said("trust_dir /nonexistent-otad-trust") &&
+                        tap_ok(check(c) < 0 && said("trust_dir /nonexistent-otad-trust") &&
                                said("target directory /nonexistent-otad-dir"),
                                "check-config names a missing trust dir and target directory");
                         config_free(c);
                 } else
                         tap_ok(false, "config with a target loads");
         }
+}
+
+/* The device certificate and key as the broker will judge them. */
+static void test_check_client_certificate(void) {
+        _cleanup_free_ char *text = minimal("");
+        EVP_PKEY *key = new_key("EC"), *other = new_key("EC"), *ed = new_key("ED25519");
+        struct otad_config *c = NULL;
+        char path[600];
+
+        if (load(text, &c) < 0) {
+                tap_ok(false, "config for certificate checks loads");
+                return;
+        }
+        write_cert("ca.crt", other, -1, 365);
+        write_key("gw.key", key, NULL);
+
+        path_in_dir(path, sizeof(path), "gw.crt");
+        write_file(path, "cert\n", 0644);
+        tap_ok(check(c) == -EBADMSG && saidf("cert_file %s/gw.crt holds no PEM certificate", dir),
+               "a certificate file without a certificate is refused");
+
+        write_file(path, "-----BEGIN CERTIFICATE-----\nMIIBnotbase64!!\n-----END CERTIFICATE-----\n", 0644);
+        tap_ok(check(c) == -EBADMSG && saidf("cert_file %s/gw.crt: certificate 1 does not parse", dir),
+               "a broken certificate block is refused");
+
+        write_cert("gw.crt", key, -30, -1);
+        tap_ok(check(c) == -EKEYEXPIRED && saidf("cert_file %s/gw.crt has expired: valid from 20", dir) &&
+               said(" UTC until 20") && said("The broker will refuse it"),
+               "an expired certificate is refused with its validity period");
+
+        write_cert("gw.crt", key, 1, 30);
+        tap_ok(check(c) == -EKEYEXPIRED && saidf("cert_file %s/gw.crt is not valid yet: valid from 20", dir) &&
+               said("now is 20") && said("check the system clock"),
+               "a certificate not valid yet is refused with the clock as the suspect");
+
+        write_cert("gw.crt", key, -300, 10);
+        tap_ok(check(c) == 0 && check_warnings == 1 && saidf("cert_file %s/gw.crt expires on 20", dir) &&
+               said(", in 10 days: the broker will refuse it after that"),
+               "a certificate expiring in 10 days passes with a warning");
+
+        write_cert("gw.crt", key, -300, 45);
+        tap_ok(check(c) == 0 && check_warnings == 0, "a certificate valid for 45 more days passes without a warning");
+
+        write_key("gw.key", other, NULL);
+        tap_ok(check(c) == -EKEYREJECTED && said("does not belong to cert_file") && saidf("key_file %s/gw.key", dir),
+               "a key that is not the certificate's is refused");
+
+        write_key("gw.key", ed, NULL);
+        tap_ok(check(c) == -EKEYREJECTED && said("is an ED25519 key but cert_file") && said("holds an EC public key"),
+               "a key of another type than the certificate's is refused");
+
+        write_key("gw.key", key, "secret");
+        tap_ok(check(c) == -EKEYREJECTED && said("is encrypted and otad cannot ask for its passphrase"),
+               "an encrypted key is refused");
+
+        path_in_dir(path, sizeof(path), "gw.key");
+        write_file(path, "-----BEGIN PRIVATE KEY-----\n", 0644);
+        tap_ok(check(c) == -EPERM && said("(mode 0644)") && said("holds no PEM private key"),
+               "a readable, broken key names both problems");
+
+        write_key("gw.key", key, NULL);
+        tap_ok(check(c) == 0, "the certificate's own key passes");
+
+        EVP_PKEY_free(key);
+        EVP_PKEY_free(other);
+        EVP_PKEY_free(ed);
+        config_free(c);
+}
+
+/* CA files: the broker's (ca_file), the HTTPS server's (http_ca_file),
+ * the code signers' (signing_ca), and the code-signing certificates in
+ * trust_dir. */
+static void test_check_ca_files(void) {
+        EVP_PKEY *key = new_key("EC"), *ca_key = new_key("EC");
+        X509 *expired = new_cert(ca_key, "Old CA", -400, -1), *valid = new_cert(ca_key, "Current CA", -1, 400);
+        _cleanup_free_ char *text = NULL;
+        struct otad_config *c = NULL;
+        char path[600], trust[600];
+        int r;
+
+        path_in_dir(trust, sizeof(trust), "trust");
+        mkdir(trust, 0755);
+        if (asprintf(&text, "[ota]\ntrust_dir = %s\nsigning_ca = %s/signing-ca.crt\nhttp_ca_file = %s/http-ca.crt\n"
+                            "[target.app]\ntype = file\ndirectory = %s\n",
+                     trust, dir, dir, dir) < 0)
+                exit(2);
+        {
+                _cleanup_free_ char *full = minimal(text);
+
+                if (load(full, &c) < 0) {
+                        tap_ok(false, "config for CA checks loads");
+                        return;
+                }
+        }
+        write_cert("gw.crt", key, -1, 365);
+        write_key("gw.key", key, NULL);
+        write_certs("ca.crt", (X509 *const[]){ valid, NULL });
+        write_certs("signing-ca.crt", (X509 *const[]){ valid, NULL });
+        write_certs("http-ca.crt", (X509 *const[]){ expired, valid, NULL });
+
+        tap_ok(check(c) == 0 && check_warnings == 2 &&
+               saidf("http_ca_file %s/http-ca.crt: certificate /CN=Old CA is valid from 20", dir) &&
+               saidf("trust_dir %s/trust holds no code-signing certificate: every OTA job will fail", dir),
+               "an expired CA beside a current one and an empty trust_dir are warnings");
+
+        path_in_dir(path, sizeof(path), "ca.crt");
+        write_file(path, "AmazonRootCA1\n", 0644);
+        tap_ok(check(c) == -EBADMSG && saidf("ca_file %s/ca.crt holds no PEM certificate", dir) &&
+               said("the broker's certificate cannot be verified"),
+               "a ca_file without a certificate is refused");
+
+        write_certs("ca.crt", (X509 *const[]){ expired, NULL });
+        tap_ok(check(c) == -EKEYEXPIRED && saidf("ca_file %s/ca.crt: none of its certificates is valid now", dir),
+               "a ca_file whose only certificate expired is refused");
+        write_certs("ca.crt", (X509 *const[]){ valid, NULL });
+
+        path_in_dir(path, sizeof(path), "signing-ca.crt");
+        write_file(path, "", 0644);
+        tap_ok(check(c) == -EBADMSG && saidf("signing_ca %s/signing-ca.crt holds no PEM certificate", dir) &&
+               said("code-signing certificates cannot be verified"),
+               "an empty signing_ca is refused");
+        write_certs("signing-ca.crt", (X509 *const[]){ valid, NULL });
+
+        {
+                X509 *signer = new_cert(key, "signer", -400, -1), *current = new_cert(key, "signer", -1, 400);
+                char link[700];
+
+                write_certs("trust/old-signer.pem", (X509 *const[]){ signer, NULL });
+                write_certs("trust/signer.pem", (X509 *const[]){ current, NULL });
+                path_in_dir(path, sizeof(path), "trust/notes.txt");
+                write_file(path, "not a certificate\n", 0644);
+                snprintf(link, sizeof(link), "%s/linked.pem", trust);
+                path_in_dir(path, sizeof(path), "ca.crt");
+                if (symlink(path, link) < 0)
+                        exit(2);
+                r = check(c);
+                tap_ok(r == 0 && check_warnings == 4 &&
+                       saidf("trust_dir %s/trust: code-signing certificate old-signer.pem is valid from 20", dir) &&
+                       said("jobs signed with it will fail the chain check against signing_ca") &&
+                       saidf("trust_dir %s/trust: linked.pem is a symlink, which otad refuses to follow", dir) &&
+                       saidf("trust_dir %s/trust: notes.txt holds no PEM certificate", dir) &&
+                       !strstr(captured, "certificate signer.pem"),
+                       "trust_dir: an expired signer, a symlink and a stray file are warnings, a current signer is not");
+                X509_free(signer);
+                X509_free(current);
+        }
+
+        X509_free(expired);
+        X509_free(valid);
+        EVP_PKEY_free(key);
+        EVP_PKEY_free(ca_key);
+        config_free(c);
 }
 
 int main(void) {
@@ -297,6 +535,8 @@ int main(void) {
         test_errors();
         test_missing_file();
         test_check_files();
+        test_check_client_certificate();
+        test_check_ca_files();
 
         {
                 char cmd[600];
