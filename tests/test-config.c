@@ -24,16 +24,18 @@ static char dir[] = "/tmp/otad-test-config-XXXXXX";
 static char conf_path[512];
 static char captured[8192];
 
-static void write_file(const char *path, const char *text, mode_t mode) {
+static void write_bytes(const char *path, const char *data, size_t size, mode_t mode) {
         FILE *f = fopen(path, "w");
 
-        if (!f) {
+        if (!f || fwrite(data, 1, size, f) != size || fclose(f) != 0) {
                 perror(path);
                 exit(2);
         }
-        fputs(text, f);
-        fclose(f);
         chmod(path, mode);
+}
+
+static void write_file(const char *path, const char *text, mode_t mode) {
+        write_bytes(path, text, strlen(text), mode);
 }
 
 /* Runs fn(arg) with stderr captured into `captured`; returns fn's result. */
@@ -65,6 +67,18 @@ static int do_load(const void *path, void *ret) {
 /* Loads text as a config file with stderr captured. */
 static int load(const char *text, struct otad_config **ret) {
         write_file(conf_path, text, 0644);
+        return capture(do_load, conf_path, ret);
+}
+
+/* The same for text with bytes a C string cannot hold: each '@' becomes NUL. */
+static int load_with_nul(const char *text, struct otad_config **ret) {
+        _cleanup_free_ char *copy = strdup(text);
+        size_t n = strlen(text);
+
+        for (size_t i = 0; i < n; i++)
+                if (copy[i] == '@')
+                        copy[i] = '\0';
+        write_bytes(conf_path, copy, n, 0644);
         return capture(do_load, conf_path, ret);
 }
 
@@ -218,17 +232,244 @@ static void test_errors(void) {
                      "a missing section is named");
         bad_thing = minimal("");
         memcpy(strstr(bad_thing, "gw-1"), "g/w1", 4);
-        expect_error(bad_thing, "thing_name 'g/w1' must be 1-128 of [a-zA-Z0-9:_-]", "an invalid thing name fails");
-        expect_error(relative, "[state] directory must be an absolute path", "a relative state directory fails");
+        snprintf(expect, sizeof(expect), "%s:4: thing_name 'g/w1' must be 1-128 of [a-zA-Z0-9:_-]", conf_path);
+        expect_error(bad_thing, expect, "an invalid thing name fails at its line");
+        expect_error(relative, ":9: [state] directory must be an absolute path", "a relative state directory fails");
         expect_error(file_target, ":8: [target.app] type=file needs directory=", "a file target needs a directory");
         expect_error(no_type, ":8: [target.app] needs type=", "a target needs a type");
         expect_error(ab_no_slots, "[target.rootfs] type=ab needs exactly two [slot.rootfs.NAME] sections, found 0",
                      "an A/B target needs two slots");
         expect_error(ab_no_boot, "[target.rootfs] type=ab needs a [bootloader] type", "an A/B target needs a bootloader");
-        expect_error(slot_name, ":8: Slot sections are named [slot.CLASS.NAME]", "a slot section needs class and name");
+        expect_error(slot_name, ":8: Invalid section [slot.rootfs]: slot sections are named [slot.CLASS.NAME]", "a slot section needs class and name");
         expect_error(slot_dev, ":8: [slot.rootfs.a] needs device=", "a slot needs a device");
         expect_error(same_boot, "bootname 'A' already used by [slot.rootfs.a]", "bootnames are unique per class");
         expect_error(reconnect, "reconnect_min (60) is larger than reconnect_max (10)", "backoff bounds are ordered");
+}
+
+/* Expects text to fail with "conf_path:line: message". */
+static void expect_error_at(const char *text, unsigned line, const char *message, const char *name) {
+        char expect[1024];
+
+        snprintf(expect, sizeof(expect), "%s:%u: %s", conf_path, line, message);
+        expect_error(text, expect, name);
+}
+
+/* The syntax rules of otad.conf(5): what the parser refuses, each with
+ * file:line and the exact section, and what it accepts. */
+static void test_syntax_refused(void) {
+        struct otad_config *c = NULL;
+        char expect[1024];
+        _cleanup_free_ char *huge = NULL;
+        _cleanup_free_ char *huge_text = NULL;
+        int r;
+
+        {
+                _cleanup_free_ char *text = minimal("[target.app]\ntype = file\ndirectory = /var/lib/a@pp\n");
+                r = load_with_nul(text, &c);
+                snprintf(expect, sizeof(expect), "%s:10: NUL byte at column 23 in section [target.app]", conf_path);
+                tap_ok(r == -EINVAL && !c && said(expect), "a NUL byte in a value is refused with file:line and the section");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[target.app]\ntype = \"file\ndirectory = /x\n");
+                expect_error_at(text, 9, "The value of type in [target.app] has no closing quote",
+                                "an unclosed quote is refused");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[slot.rootfs.a]\ndevice = \"/dev/sda2\" # root\nbootname = A\n");
+                expect_error_at(text, 9, "Text after the closing quote of device in [slot.rootfs.a]: '# root'",
+                                "text after a closing quote is refused");
+        }
+        huge = malloc(1024 * 1024 + 1);
+        memset(huge, 'a', 1024 * 1024);
+        huge[1024 * 1024] = '\0';
+        if (asprintf(&huge_text, "[target.app]\ntype = file\ndirectory = /%s\n", huge) < 0)
+                exit(2);
+        {
+                _cleanup_free_ char *text = minimal(huge_text);
+                expect_error_at(text, 10, "Line longer than 4096 bytes in section [target.app]", "a 1 MiB value is refused");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[ota]\nwindow = 2\n[log]\nlevel = info\n[ota]\nblock_size = 1024\n");
+                expect_error_at(text, 12, "Section [ota] already defined at line 8", "a repeated section header is refused");
+        }
+        {
+                _cleanup_free_ char *text = minimal("port = 1\n[ota]\n[mqtt]\nport = 2\n");
+                expect_error_at(text, 10, "Section [mqtt] already defined at line 2",
+                                "a repeated [mqtt] is refused before its keys are compared");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[target.app]\ntype = file\ndirectroy = /x\n");
+                expect_error_at(text, 10, "Unknown key 'directroy' in section [target.app]",
+                                "an unknown key names [target.NAME], not [target]");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[slot.rootfs.a]\ndevice = /a\nbootnmae = A\n");
+                expect_error_at(text, 10, "Unknown key 'bootnmae' in section [slot.rootfs.a]",
+                                "an unknown key names [slot.CLASS.NAME]");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[target.app]\ntype = disk\n");
+                expect_error_at(text, 9, "Invalid value 'disk' for type in [target.app]: expected one of file, ab, command",
+                                "a bad value names [target.NAME]");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[slot.rootfs.a]\ndevice = /a\ndevice = /b\nbootname = A\n");
+                expect_error_at(text, 10, "Key 'device' in [slot.rootfs.a] already set at line 9",
+                                "a key set twice names [slot.CLASS.NAME]");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[target.app]\ntype = file\ndirectory\n");
+                expect_error_at(text, 10, "Expected key = value in section [target.app]", "a key without = names the section");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[ota]\n= 4\n");
+                expect_error_at(text, 9, "Empty key before '=' in section [ota]", "an empty key is refused");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[update]\nhealth_check = /bin/check\033[0m\n");
+                expect_error_at(text, 9, "Control character 0x1b at column 26 in section [update]",
+                                "a control character is refused with its column");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[update]\nversion = 1.0\x7f\n");
+                expect_error_at(text, 9, "Control character 0x7f at column 14 in section [update]", "DEL is refused");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[update]\nversion = caf\xe9 1.0\n");
+                expect_error_at(text, 9, "Invalid UTF-8 at column 14 in section [update]", "a Latin-1 byte is refused");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[update]\nversion = \xc0\xaf\n");
+                expect_error_at(text, 9, "Invalid UTF-8 at column 11 in section [update]", "an overlong UTF-8 form is refused");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[ota] # transfers\n");
+                expect_error_at(text, 8, "Text after the section header [ota]: '# transfers'",
+                                "text after a section header is refused");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[target.app]\ntype = file\ndirectory = /a\n[target.app]\n");
+                expect_error_at(text, 11, "Section [target.app] already defined at line 8", "a repeated [target.NAME] is refused");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[slot.rootfs.a]\ndevice = /a\nbootname = A\n[slot.rootfs.a]\n");
+                expect_error_at(text, 11, "Section [slot.rootfs.a] already defined at line 8",
+                                "a repeated [slot.CLASS.NAME] names the first line");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[slot.rootfs.a]\ndevice =   \nbootname = A\n");
+                expect_error_at(text, 9, "device in [slot.rootfs.a] needs a value", "a blank required value is refused at its line");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[ota]\ntrust_dir = \"\"\n");
+                expect_error_at(text, 9, "trust_dir in [ota] needs a value (remove the line for the default, /etc/otad/trust)",
+                                "an empty value is refused where it means nothing");
+        }
+        {
+                _cleanup_free_ char *text = minimal("port = +8883\n");
+                expect_error_at(text, 8, "Invalid value '+8883' for port in [mqtt]: expected an integer from 1 to 65535",
+                                "a number with a sign is refused");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[ota]\nwindow = \" 4\"\n");
+                expect_error_at(text, 9, "Invalid value ' 4' for window in [ota]", "a number with blanks inside quotes is refused");
+        }
+        {
+                _cleanup_free_ char *text = minimal("port = 8883 # TLS\n");
+                expect_error_at(text, 8, "Invalid value '8883 # TLS' for port in [mqtt]",
+                                "a comment after a value is part of it, so a number with one is refused");
+        }
+        {
+                _cleanup_free_ char *text = minimal("keepalive = 99999999999999999999\n");
+                expect_error_at(text, 8, "Invalid value '99999999999999999999' for keepalive in [mqtt]",
+                                "a number beyond 64 bits is refused");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[update]\nallow_downgrade = enabled\n");
+                expect_error_at(text, 9, "Invalid value 'enabled' for allow_downgrade in [update]: expected yes or no",
+                                "a boolean other than the documented spellings is refused");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[update]\nhealth_check = \"check \\q\"\n");
+                expect_error_at(text, 9, "Unknown escape '\\q' in the value of health_check in [update]",
+                                "an unknown escape inside quotes is refused");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[target.this-name-is-far-too-long-for-a-target-0123456789012345678901234567890]\n");
+                expect_error_at(text, 8, "Invalid target name 'this-name-is-far-too-long-for-a-target-0123456789012345678901234567890'",
+                                "a target name longer than 64 is refused");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[update]\nreboot_policy = marker\n");
+                expect_error_at(text, 9, "reboot_policy=marker in [update] needs reboot_marker=",
+                                "a rule across keys names the line of the key");
+        }
+        {
+                _cleanup_free_ char *text = minimal("reconnect_min = 60\nreconnect_max = 10\n");
+                expect_error_at(text, 9, "reconnect_min (60) is larger than reconnect_max (10)",
+                                "backoff bounds name the line");
+        }
+        {
+                _cleanup_free_ char *text = minimal("[ota]\nwindow = 0\nwindow = 1\n[update]\nallow_downgrade = maybe\n");
+                r = load(text, &c);
+                snprintf(expect, sizeof(expect), "%s:9: Invalid value '0' for window", conf_path);
+                tap_ok(r == -EINVAL && !c && said(expect) && !strstr(captured, "already set") &&
+                       said(":12: Invalid value 'maybe' for allow_downgrade in [update]"),
+                       "every syntax error is reported, not just the first");
+        }
+        {
+                char junk[4096];
+
+                for (size_t i = 0; i < sizeof(junk) - 1; i++)
+                        junk[i] = i % 7 == 6 ? '\n' : (char) ('a' + i % 26);
+                junk[sizeof(junk) - 1] = '\0';
+                r = load(junk, &c);
+                snprintf(expect, sizeof(expect), "%s: 20 errors, not reading further", conf_path);
+                tap_ok(r == -EINVAL && !c && said(expect) && !strstr(captured, ":21:"),
+                       "a file that is not a configuration stops after 20 errors");
+        }
+}
+
+static void test_syntax_accepted(void) {
+        _cleanup_free_ char *text = minimal(
+                "\tport\t=\t443\t\r\n"
+                "client_id = \"  gw 1  \"\n"
+                "clean_session = OFF\n"
+                "[update]\n"
+                "version = 1.0 # not a comment\n"
+                "health_check = grep -q \"ok\" /run/state\n"
+                "reboot_command = \"\\\"/opt/my tools/reboot\\\" --now \\\\\"\n"
+                "allow_downgrade = Yes\n"
+                "reboot_marker = \"\"\n"
+                "booted_slot = \"B\" \n"
+                "os_release = /etc/os-r\xc3\xa9lease\n");
+        _cleanup_free_ char *bom = NULL;
+        struct otad_config *c = NULL;
+
+        tap_is_int(load(text, &c), 0, "documented syntax loads");
+        if (c) {
+                tap_is_int(c->mqtt.port, 443, "tabs are blanks and a CRLF line ending is accepted");
+                tap_is_str(c->mqtt.client_id, "  gw 1  ", "quotes keep leading and trailing blanks");
+                tap_ok(!c->mqtt.clean_session, "booleans are read in any case");
+                tap_ok(c->update.allow_downgrade, "Yes is yes");
+                tap_is_str(c->update.version, "1.0 # not a comment", "a # after a value is part of it");
+                tap_is_str(c->update.health_check, "grep -q \"ok\" /run/state", "quotes inside a bare value are kept");
+                tap_is_str(c->update.reboot_command, "\"/opt/my tools/reboot\" --now \\", "\\\" and \\\\ are escapes inside quotes");
+                tap_is_str(c->update.reboot_marker, "", "\"\" is the empty string");
+                tap_is_str(c->update.booted_slot, "B", "blanks after a closing quote are dropped");
+                tap_is_str(c->update.os_release, "/etc/os-r\xc3\xa9lease", "UTF-8 is accepted");
+                config_free(c);
+        }
+        bom = minimal("");
+        {
+                _cleanup_free_ char *with_bom = NULL;
+
+                if (asprintf(&with_bom, "\xef\xbb\xbf%s", bom) < 0)
+                        exit(2);
+                c = NULL;
+                tap_is_int(load(with_bom, &c), 0, "a UTF-8 byte order mark at the start is ignored");
+                config_free(c);
+        }
 }
 
 static void test_missing_file(void) {
@@ -533,6 +774,8 @@ int main(void) {
         test_defaults();
         test_values();
         test_errors();
+        test_syntax_refused();
+        test_syntax_accepted();
         test_missing_file();
         test_check_files();
         test_check_client_certificate();

@@ -122,6 +122,13 @@ class CommandLine(Workdir):
         self.assertEqual(r.returncode, 1)
         self.assertIn("is accessible by group or others (mode 0644)", r.stderr)
 
+    def test_unknown_key_names_the_target_section(self):
+        path = self.valid_config("[target.app]\ntype = file\ndirectroy = /var/lib/app\n")
+        line = open(path).read().splitlines().index("directroy = /var/lib/app") + 1
+        r = run([OTAD, "--check-config", "-c", path])
+        self.assertEqual(r.returncode, 1)
+        self.assertIn(f"{path}:{line}: Unknown key 'directroy' in section [target.app]", r.stderr)
+
 
 class CheckConfigCertificates(Workdir):
     """--check-config judges the device certificate as the broker will:
