@@ -130,7 +130,8 @@ static int read_pem_certs(const char *path, const char *what, STACK_OF(X509) **r
         ERR_clear_error();
         if (e != 0 && !(ERR_GET_LIB(e) == ERR_LIB_PEM && ERR_GET_REASON(e) == PEM_R_NO_START_LINE))
                 return log_error_errno(-EBADMSG, "%s %s: certificate %d does not parse (%s): replace the file with an intact copy",
-                                       what, path, sk_X509_num(certs) + 1, ERR_reason_error_string(e));
+                                       what, path, sk_X509_num(certs) + 1,
+                                       ERR_reason_error_string(e) ? ERR_reason_error_string(e) : "unknown error");
         *ret = take_ptr(&certs);
         return 0;
 }
@@ -241,41 +242,39 @@ static int passphrase_refused(char *buf, int size, int rwflag, void *userdata) {
 }
 
 /* A private key others can read is a stolen device identity waiting to
- * happen; refuse it like ssh does. Both problems are named when the key
- * is also unusable. */
+ * happen; refuse it like ssh does. */
+static int check_key_mode(const char *path) {
+        struct stat st;
+
+        if (stat(path, &st) < 0)
+                return log_error_errno(-errno, "key_file %s: %m", path);
+        if (st.st_mode & (S_IRWXG | S_IRWXO))
+                return log_error_errno(-EPERM, "key_file %s is accessible by group or others (mode %04o); run chmod 600 %s",
+                                       path, (unsigned) (st.st_mode & 07777), path);
+        return 0;
+}
+
 static int load_private_key(const char *path, EVP_PKEY **ret) {
         _cleanup_fclose_ FILE *f = NULL;
         bool asked_passphrase = false;
         EVP_PKEY *key;
-        struct stat st;
-        int r, first = 0;
+        int r;
 
         r = open_regular(path, "key_file", &f);
         if (r < 0)
                 return r;
-        if (fstat(fileno(f), &st) < 0)
-                return log_error_errno(-errno, "key_file %s: %m", path);
-        if (st.st_mode & (S_IRWXG | S_IRWXO))
-                first = log_error_errno(-EPERM, "key_file %s is accessible by group or others (mode %04o); run chmod 600 %s",
-                                        path, (unsigned) (st.st_mode & 07777), path);
-
         ERR_clear_error();
         key = PEM_read_PrivateKey(f, NULL, passphrase_refused, &asked_passphrase);
         ERR_clear_error();
         /* libmosquitto would ask on a terminal the daemon does not have. */
         if (!key && asked_passphrase)
-                r = log_error_errno(-EKEYREJECTED,
-                                    "key_file %s is encrypted and otad cannot ask for its passphrase: "
-                                    "store it decrypted (openssl pkey -in %s -out NEW) with mode 0600",
-                                    path, path);
-        else if (!key)
-                r = log_error_errno(-EBADMSG, "key_file %s holds no PEM private key (no -----BEGIN ... PRIVATE KEY----- block)", path);
+                return log_error_errno(-EKEYREJECTED,
+                                       "key_file %s is encrypted and otad cannot ask for its passphrase: "
+                                       "store it decrypted (openssl pkey -in %s -out NEW) with mode 0600",
+                                       path, path);
         if (!key)
-                return first < 0 ? first : r;
-        if (first < 0) {
-                EVP_PKEY_free(key);
-                return first;
-        }
+                return log_error_errno(-EBADMSG, "key_file %s holds no PEM private key (no -----BEGIN ... PRIVATE KEY----- block)",
+                                       path);
         *ret = key;
         return 0;
 }
@@ -315,13 +314,16 @@ static int check_key_matches(X509 *cert, EVP_PKEY *key, const char *cert_path, c
 static int check_mqtt_credentials(const struct otad_config *c, unsigned *warnings) {
         _cleanup_(X509p) X509 *cert = NULL;
         _cleanup_(EVP_PKEYp) EVP_PKEY *key = NULL;
-        int first = 0;
+        int first = 0, r;
 
         CHECK(check_ca_file(c->mqtt.ca_file, "ca_file", "the broker's certificate", warnings));
         CHECK(load_client_cert(c->mqtt.cert_file, &cert));
         if (cert)
                 CHECK(check_client_cert_dates(cert, c->mqtt.cert_file, warnings));
-        CHECK(load_private_key(c->mqtt.key_file, &key));
+        r = check_key_mode(c->mqtt.key_file);
+        CHECK(r);
+        if (r == 0 || r == -EPERM) /* else the file is not there to read */
+                CHECK(load_private_key(c->mqtt.key_file, &key));
         if (cert && key)
                 CHECK(check_key_matches(cert, key, c->mqtt.cert_file, c->mqtt.key_file));
         return first;

@@ -669,6 +669,11 @@ static void test_check_client_certificate(void) {
         tap_ok(check(c) == -EPERM && said("(mode 0644)") && said("holds no PEM private key"),
                "a readable, broken key names both problems");
 
+        write_key("gw.key", other, NULL);
+        chmod(path, 0644);
+        tap_ok(check(c) == -EPERM && said("(mode 0644)") && said("does not belong to cert_file"),
+               "a readable key of another certificate names both problems");
+
         write_key("gw.key", key, NULL);
         tap_ok(check(c) == 0, "the certificate's own key passes");
 
