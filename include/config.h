@@ -136,13 +136,12 @@ struct otad_config {
         size_t n_slots;
 };
 
-/* Parses path into a new config. On error, logs "path:line: what" and
- * returns a negative errno; *ret is untouched. */
+/* Parses path into a new config, by the syntax rules of otad.conf(5).
+ * Logs every syntax error as "path:line: what", naming the section
+ * ("[target.app]"); rules across keys are checked on a file without any.
+ * Returns 0, or a negative errno (-EINVAL for a bad file) with *ret
+ * untouched. What the values point to is config_check()'s business. */
 int config_load(const char *path, struct otad_config **ret);
-/* Checks what --check-config promises beyond syntax: referenced files exist,
- * private keys are not group/world readable. Logs every problem, returns
- * -ENOENT/-EPERM/... for the first one, 0 when all is well. */
-int config_check_files(const struct otad_config *config);
 void config_free(struct otad_config *config);
 
 const char *target_type_to_string(enum target_type t);

@@ -3,17 +3,18 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/stat.h>
-#include <unistd.h>
+#include <sys/types.h>
 
 #include "config.h"
 #include "log.h"
 #include "macro.h"
+#include "utf8.h"
 
 /* Which struct an item's offset points into. */
 enum section_kind {
@@ -21,6 +22,17 @@ enum section_kind {
         SECTION_TARGET, /* [target.NAME]: struct config_target */
         SECTION_SLOT,   /* [slot.CLASS.NAME]: struct config_slot */
 };
+
+/* otad.conf(5) promises these limits. A line (without its newline) is at
+ * most this long, which bounds every value and the memory a parse takes. */
+#define CONFIG_LINE_MAX 4096
+/* NAME of [target.NAME], CLASS and NAME of [slot.CLASS.NAME]. */
+#define CONFIG_NAME_MAX 64
+/* How much of a bad value an error message repeats. */
+#define EXCERPT_MAX 100
+/* Syntax errors reported before giving up on a file: a binary file or a
+ * wrong path should not print one error per line. */
+#define ERRORS_MAX 20
 
 struct config_item;
 typedef int (*config_parse_fn)(const struct config_item *item, const char *value, void *dest);
@@ -32,6 +44,7 @@ struct config_item {
         size_t offset;
         const char *default_value; /* NULL: no default */
         bool required;
+        bool nonempty;               /* strings: "" means nothing, refuse it */
         int64_t min, max;            /* integers */
         const char *const *choices;  /* enums: index = value */
 };
@@ -57,11 +70,14 @@ static const char *const reboot_policy_names[] = {
 #define C(field) offsetof(struct otad_config, field)
 #define T(field) offsetof(struct config_target, field)
 #define S(field) offsetof(struct config_slot, field)
-#define STR(sec, key, off, def) { sec, key, parse_string, off, def, false, 0, 0, NULL }
-#define REQ(sec, key, off) { sec, key, parse_string, off, NULL, true, 0, 0, NULL }
-#define INT(sec, key, off, def, lo, hi) { sec, key, parse_int, off, def, false, lo, hi, NULL }
-#define BOOL(sec, key, off, def) { sec, key, parse_bool, off, def, false, 0, 0, NULL }
-#define ENUM(sec, key, off, def, names) { sec, key, parse_enum, off, def, false, 0, 0, names }
+/* STR may be empty (it then means "none" or "the default behaviour", as
+ * otad.conf(5) says for each); NONEMPTY and REQ may not. */
+#define STR(sec, key, off, def) { sec, key, parse_string, off, def, false, false, 0, 0, NULL }
+#define NONEMPTY(sec, key, off, def) { sec, key, parse_string, off, def, false, true, 0, 0, NULL }
+#define REQ(sec, key, off) { sec, key, parse_string, off, NULL, true, true, 0, 0, NULL }
+#define INT(sec, key, off, def, lo, hi) { sec, key, parse_int, off, def, false, false, lo, hi, NULL }
+#define BOOL(sec, key, off, def) { sec, key, parse_bool, off, def, false, false, 0, 0, NULL }
+#define ENUM(sec, key, off, def, names) { sec, key, parse_enum, off, def, false, false, 0, 0, names }
 
 /* The one table: every key otad reads. Keep man/otad.conf.5 and
  * etc/otad.conf in step with it. */
@@ -78,13 +94,13 @@ static const struct config_item items[] = {
         INT("mqtt", "reconnect_min", C(mqtt.reconnect_min), "1", 1, 3600),
         INT("mqtt", "reconnect_max", C(mqtt.reconnect_max), "120", 1, 86400),
 
-        STR("state", "directory", C(state.directory), "/var/lib/otad"),
+        NONEMPTY("state", "directory", C(state.directory), "/var/lib/otad"),
 
-        { "log", "level", parse_log_level, C(log.level), "info", false, 0, 0, NULL },
+        { "log", "level", parse_log_level, C(log.level), "info", false, false, 0, 0, NULL },
 
-        STR("jobs", "handler_dir", C(jobs.handler_dir), "/etc/otad/handlers"),
+        NONEMPTY("jobs", "handler_dir", C(jobs.handler_dir), "/etc/otad/handlers"),
         INT("jobs", "handler_timeout", C(jobs.handler_timeout), "600", 1, 604800),
-        STR("jobs", "operation_key", C(jobs.operation_key), "operation"),
+        NONEMPTY("jobs", "operation_key", C(jobs.operation_key), "operation"),
 
         ENUM("ota", "protocol", C(ota.protocol), "mqtt", protocol_names),
         INT("ota", "block_size", C(ota.block_size), "32768", 256, 131072),
@@ -93,7 +109,7 @@ static const struct config_item items[] = {
         INT("ota", "request_timeout", C(ota.request_timeout), "10", 1, 3600),
         INT("ota", "momentum", C(ota.momentum), "32", 1, 1000),
         INT("ota", "progress_interval", C(ota.progress_interval), "10", 0, 86400),
-        STR("ota", "trust_dir", C(ota.trust_dir), "/etc/otad/trust"),
+        NONEMPTY("ota", "trust_dir", C(ota.trust_dir), "/etc/otad/trust"),
         STR("ota", "signing_ca", C(ota.signing_ca), ""),
         INT("ota", "http_low_speed_limit", C(ota.http_low_speed_limit), "1024", 0, INT32_MAX),
         INT("ota", "http_low_speed_time", C(ota.http_low_speed_time), "30", 1, 3600),
@@ -101,11 +117,11 @@ static const struct config_item items[] = {
         STR("ota", "http_ca_file", C(ota.http_ca_file), ""),
 
         STR("update", "version", C(update.version), ""),
-        STR("update", "os_release", C(update.os_release), "/etc/os-release"),
+        NONEMPTY("update", "os_release", C(update.os_release), "/etc/os-release"),
         BOOL("update", "allow_downgrade", C(update.allow_downgrade), "no"),
         BOOL("update", "allow_same_version", C(update.allow_same_version), "no"),
         ENUM("update", "reboot_policy", C(update.reboot_policy), "immediate", reboot_policy_names),
-        STR("update", "reboot_command", C(update.reboot_command), "systemctl reboot"),
+        NONEMPTY("update", "reboot_command", C(update.reboot_command), "systemctl reboot"),
         INT("update", "reboot_delay", C(update.reboot_delay), "0", 0, 604800),
         STR("update", "reboot_marker", C(update.reboot_marker), ""),
         STR("update", "health_check", C(update.health_check), ""),
@@ -114,17 +130,17 @@ static const struct config_item items[] = {
         STR("update", "booted_slot", C(update.booted_slot), ""),
 
         ENUM("bootloader", "type", C(bootloader.type), "none", bootloader_names),
-        STR("bootloader", "grubenv", C(bootloader.grubenv), "/boot/grub/grubenv"),
-        STR("bootloader", "fw_env_config", C(bootloader.fw_env_config), "/etc/fw_env.config"),
+        NONEMPTY("bootloader", "grubenv", C(bootloader.grubenv), "/boot/grub/grubenv"),
+        NONEMPTY("bootloader", "fw_env_config", C(bootloader.fw_env_config), "/etc/fw_env.config"),
         STR("bootloader", "command", C(bootloader.command), ""),
 
-        { "target", "type", parse_enum, T(type), NULL, true, 0, 0, target_type_names },
-        STR("target", "match_filepath", T(match_filepath), "*"),
+        { "target", "type", parse_enum, T(type), NULL, true, false, 0, 0, target_type_names },
+        NONEMPTY("target", "match_filepath", T(match_filepath), "*"),
         INT("target", "match_file_type", T(match_file_type), "-1", -1, 255),
         STR("target", "directory", T(directory), ""),
         STR("target", "command", T(command), ""),
         INT("target", "timeout", T(timeout), "3600", 0, 604800),
-        STR("target", "slot_class", T(slot_class), "rootfs"),
+        NONEMPTY("target", "slot_class", T(slot_class), "rootfs"),
 
         REQ("slot", "device", S(device)),
         REQ("slot", "bootname", S(bootname)),
@@ -144,13 +160,17 @@ static int parse_string(const struct config_item *item, const char *value, void 
         return 0;
 }
 
+/* Decimal digits, a '-' only where negative numbers are allowed: no
+ * blanks, no '+', no hex, nothing after the number. */
 static int parse_int(const struct config_item *item, const char *value, void *dest) {
-        char *end;
+        const char *digits = value[0] == '-' && item->min < 0 ? value + 1 : value;
         long long v;
 
+        if (!*digits || strspn(digits, "0123456789") != strlen(digits))
+                return -EINVAL;
         errno = 0;
-        v = strtoll(value, &end, 10);
-        if (errno != 0 || end == value || *end != '\0' || v < item->min || v > item->max)
+        v = strtoll(value, NULL, 10);
+        if (errno != 0 || v < item->min || v > item->max)
                 return -EINVAL;
         *(int64_t *) dest = v;
         return 0;
@@ -209,8 +229,10 @@ static void describe_expected(const struct config_item *item, char *buf, size_t 
                 snprintf(buf, size, "a string");
 }
 
-static bool is_name(const char *s, const char *extra) {
-        if (!*s)
+static bool is_name(const char *s, const char *extra, size_t max) {
+        size_t n = strlen(s);
+
+        if (n == 0 || n > max)
                 return false;
         for (; *s; s++)
                 if (!isalnum((unsigned char) *s) && !strchr(extra, *s))
@@ -223,15 +245,54 @@ struct parser {
         struct otad_config *config;
         const char *path;
         unsigned line;
+        int error;            /* the first syntax error; parsing goes on to report every one */
+        unsigned n_errors;
         enum section_kind kind;
-        const char *section;  /* item section name to match */
-        void *base;           /* struct the offsets point into */
+        const char *section;  /* item section name to match; NULL before the first header */
+        bool skipping;        /* after a bad section header: its keys are not looked at */
+        char section_name[sizeof("slot..") + 2 * CONFIG_NAME_MAX]; /* "target.app", for messages */
+        char in_section[sizeof(" in section []") + sizeof("slot..") + 2 * CONFIG_NAME_MAX]; /* or "" */
         size_t instance;      /* index into targets/slots */
         unsigned *fixed_lines;     /* ELEMENTSOF(items): line where set, 0 = unset */
         unsigned **target_lines;   /* the same, per [target.*] section */
         unsigned **slot_lines;     /* the same, per [slot.*.*] section */
         unsigned section_lines[ELEMENTSOF(fixed_sections)];
 };
+
+/* Logs "path:line: message" ("path: message" for line 0), remembers the
+ * first error and returns -EINVAL. */
+static int parse_error(struct parser *p, unsigned line, const char *format, ...) __attribute__((format(printf, 3, 4)));
+static int parse_error(struct parser *p, unsigned line, const char *format, ...) {
+        char message[1024];
+        va_list ap;
+
+        va_start(ap, format);
+        vsnprintf(message, sizeof(message), format, ap);
+        va_end(ap);
+        if (line > 0)
+                log_error("%s:%u: %s", p->path, line, message);
+        else
+                log_error("%s: %s", p->path, message);
+        if (p->error == 0)
+                p->error = -EINVAL;
+        p->n_errors++;
+        return -EINVAL;
+}
+
+/* A key or value as a message repeats it: at most EXCERPT_MAX bytes, cut
+ * at a character boundary (lines are valid UTF-8 by then), "..." when cut. */
+static const char *excerpt(const char *s, char buf[static EXCERPT_MAX + 4]) {
+        size_t n = strlen(s);
+
+        if (n <= EXCERPT_MAX)
+                return s;
+        n = EXCERPT_MAX;
+        while (n > 0 && ((unsigned char) s[n] & 0xc0) == 0x80)
+                n--;
+        memcpy(buf, s, n);
+        memcpy(buf + n, "...", 4);
+        return buf;
+}
 
 static int apply_defaults(const char *section, void *base) {
         for (size_t i = 0; i < ELEMENTSOF(items); i++) {
@@ -265,6 +326,19 @@ static int grow_instance_lines(unsigned ***lines, size_t n) {
         return grown[n] ? 0 : -ENOMEM;
 }
 
+/* A fixed section appears once: a second [mqtt] further down is more likely
+ * a pasted block than an intended merge, and its keys would silently meet
+ * the first one's. */
+static int start_fixed(struct parser *p, size_t i) {
+        if (p->section_lines[i])
+                return parse_error(p, p->line, "Section [%s] already defined at line %u",
+                                   fixed_sections[i], p->section_lines[i]);
+        p->section_lines[i] = p->line;
+        p->kind = SECTION_FIXED;
+        p->section = fixed_sections[i];
+        return 0;
+}
+
 static int start_target(struct parser *p, const char *name) {
         struct otad_config *c = p->config;
         struct config_target *t;
@@ -272,8 +346,8 @@ static int start_target(struct parser *p, const char *name) {
 
         for (size_t i = 0; i < c->n_targets; i++)
                 if (strcmp(c->targets[i].name, name) == 0)
-                        return log_error_errno(-EINVAL, "%s:%u: Section [target.%s] already defined at line %u",
-                                               p->path, p->line, name, c->targets[i].line);
+                        return parse_error(p, p->line, "Section [target.%s] already defined at line %u",
+                                           name, c->targets[i].line);
         t = realloc(c->targets, (c->n_targets + 1) * sizeof(*t));
         if (!t)
                 return log_error_errno(-ENOMEM, "Out of memory");
@@ -297,19 +371,24 @@ static int start_target(struct parser *p, const char *name) {
 static int start_slot(struct parser *p, const char *class_and_name) {
         struct otad_config *c = p->config;
         _cleanup_free_ char *class_name = strdup(class_and_name);
+        const struct config_slot *first;
         struct config_slot *s;
-        char *dot;
+        char *dot, e[EXCERPT_MAX + 4];
         int r;
 
         if (!class_name)
                 return log_error_errno(-ENOMEM, "Out of memory");
         dot = strchr(class_name, '.');
-        if (!dot || !is_name(dot + 1, "_-") || (*dot = '\0', !is_name(class_name, "_-")))
-                return log_error_errno(-EINVAL, "%s:%u: Slot sections are named [slot.CLASS.NAME], e.g. [slot.rootfs.a]",
-                                       p->path, p->line);
-        if (config_find_slot(c, class_name, dot + 1))
-                return log_error_errno(-EINVAL, "%s:%u: Section [slot.%s] defined twice", p->path, p->line,
-                                       class_and_name);
+        if (!dot || (*dot = '\0', !is_name(class_name, "_-", CONFIG_NAME_MAX)) ||
+            !is_name(dot + 1, "_-", CONFIG_NAME_MAX))
+                return parse_error(p, p->line,
+                                   "Invalid section [slot.%s]: slot sections are named [slot.CLASS.NAME], "
+                                   "e.g. [slot.rootfs.a], CLASS and NAME 1 to %d of [A-Za-z0-9_-]",
+                                   excerpt(class_and_name, e), CONFIG_NAME_MAX);
+        first = config_find_slot(c, class_name, dot + 1);
+        if (first)
+                return parse_error(p, p->line, "Section [slot.%s] already defined at line %u", class_and_name,
+                                   first->line);
         s = realloc(c->slots, (c->n_slots + 1) * sizeof(*s));
         if (!s)
                 return log_error_errno(-ENOMEM, "Out of memory");
@@ -332,85 +411,206 @@ static int start_slot(struct parser *p, const char *class_and_name) {
         return 0;
 }
 
-static int parse_section_header(struct parser *p, char *line) {
-        char *end = strchr(line, ']');
-        char *name = line + 1;
-
-        if (!end || end[1] != '\0')
-                return log_error_errno(-EINVAL, "%s:%u: Malformed section header, expected [name]", p->path, p->line);
-        *end = '\0';
-        for (size_t i = 0; i < ELEMENTSOF(fixed_sections); i++)
-                if (strcmp(name, fixed_sections[i]) == 0) {
-                        p->kind = SECTION_FIXED;
-                        p->section = fixed_sections[i];
-                        if (!p->section_lines[i])
-                                p->section_lines[i] = p->line;
-                        return 0;
-                }
-        if (strncmp(name, "target.", 7) == 0) {
-                if (!is_name(name + 7, "_-"))
-                        return log_error_errno(-EINVAL, "%s:%u: Invalid target name '%s' (letters, digits, _ and -)",
-                                               p->path, p->line, name + 7);
-                return start_target(p, name + 7);
-        }
-        if (strncmp(name, "slot.", 5) == 0)
-                return start_slot(p, name + 5);
-        return log_error_errno(-EINVAL, "%s:%u: Unknown section [%s]", p->path, p->line, name);
-}
-
+/* Blanks are spaces and tabs; other control characters never get here. */
 static char *strip(char *s) {
         char *end;
 
-        while (isspace((unsigned char) *s))
-                s++;
+        s += strspn(s, " \t");
         end = s + strlen(s);
-        while (end > s && isspace((unsigned char) end[-1]))
+        while (end > s && (end[-1] == ' ' || end[-1] == '\t'))
                 *--end = '\0';
         return s;
 }
 
+static int start_section(struct parser *p, const char *name) {
+        char e[EXCERPT_MAX + 4];
+
+        for (size_t i = 0; i < ELEMENTSOF(fixed_sections); i++)
+                if (strcmp(name, fixed_sections[i]) == 0)
+                        return start_fixed(p, i);
+        if (strncmp(name, "target.", 7) == 0) {
+                if (!is_name(name + 7, "_-", CONFIG_NAME_MAX))
+                        return parse_error(p, p->line, "Invalid target name '%s': 1 to %d of [A-Za-z0-9_-]",
+                                           excerpt(name + 7, e), CONFIG_NAME_MAX);
+                return start_target(p, name + 7);
+        }
+        if (strncmp(name, "slot.", 5) == 0)
+                return start_slot(p, name + 5);
+        return parse_error(p, p->line, "Unknown section [%s]", excerpt(name, e));
+}
+
+static int parse_section_header(struct parser *p, char *line) {
+        char *end = strchr(line, ']');
+        char *name = line + 1, *rest;
+        char e1[EXCERPT_MAX + 4], e2[EXCERPT_MAX + 4];
+        int r;
+
+        /* Until this header proves good, the keys below it belong nowhere. */
+        p->section = NULL;
+        p->skipping = true;
+        p->in_section[0] = '\0';
+
+        if (!end)
+                return parse_error(p, p->line, "Malformed section header '%s', expected [name]", excerpt(line, e1));
+        *end = '\0';
+        rest = strip(end + 1);
+        if (*rest)
+                return parse_error(p, p->line, "Text after the section header [%s]: '%s'", excerpt(name, e1),
+                                   excerpt(rest, e2));
+        r = start_section(p, name);
+        if (r < 0)
+                return r;
+        p->skipping = false;
+        snprintf(p->section_name, sizeof(p->section_name), "%s", name);
+        snprintf(p->in_section, sizeof(p->in_section), " in section [%s]", p->section_name);
+        return 0;
+}
+
+/* A value in double quotes keeps its blanks; inside them \" is a quote and
+ * \\ a backslash, and nothing else is an escape. A bare value is taken as
+ * written, quotes and backslashes included (a shell command stays one). */
+static int unquote(struct parser *p, const char *key, char *raw, char **ret) {
+        char *in = raw + 1, *out = raw, e[EXCERPT_MAX + 4];
+
+        if (raw[0] != '"') {
+                *ret = raw;
+                return 0;
+        }
+        for (; *in && *in != '"'; in++) {
+                if (*in == '\\' && (in[1] == '"' || in[1] == '\\'))
+                        in++;
+                else if (*in == '\\' && in[1]) {
+                        uint32_t cp;
+                        int len = utf8_decode(in + 1, strlen(in + 1), &cp);
+
+                        return parse_error(p, p->line,
+                                           "Unknown escape '\\%.*s' in the value of %s in [%s]: "
+                                           "inside quotes only \\\" and \\\\ are escapes",
+                                           len > 0 ? len : 1, in + 1, key, p->section_name);
+                }
+                *out++ = *in;
+        }
+        if (*in != '"')
+                return parse_error(p, p->line, "The value of %s in [%s] has no closing quote", key, p->section_name);
+        if (in[1])
+                return parse_error(p, p->line, "Text after the closing quote of %s in [%s]: '%s'", key,
+                                   p->section_name, excerpt(strip(in + 1), e));
+        *out = '\0';
+        *ret = raw;
+        return 0;
+}
+
 static int parse_assignment(struct parser *p, char *line) {
         char *eq = strchr(line, '=');
-        char *key, *value;
+        const struct config_item *item = NULL;
+        char *key, *value = NULL, e[EXCERPT_MAX + 4];
+        char expected[128];
         unsigned *lines;
+        size_t i;
+        int r;
 
+        if (p->skipping)
+                return 0;
         if (!p->section)
-                return log_error_errno(-EINVAL, "%s:%u: Assignment outside of a section", p->path, p->line);
+                return parse_error(p, p->line, "Assignment outside of a section");
         if (!eq)
-                return log_error_errno(-EINVAL, "%s:%u: Expected key = value", p->path, p->line);
+                return parse_error(p, p->line, "Expected key = value in section [%s]", p->section_name);
         *eq = '\0';
         key = strip(line);
-        value = strip(eq + 1);
-        /* A value may be quoted to keep leading or trailing blanks. */
-        if (strlen(value) >= 2 && value[0] == '"' && value[strlen(value) - 1] == '"') {
-                value[strlen(value) - 1] = '\0';
-                value++;
-        }
+        if (!*key)
+                return parse_error(p, p->line, "Empty key before '=' in section [%s]", p->section_name);
+        for (i = 0; i < ELEMENTSOF(items) && !item; i++)
+                if (strcmp(items[i].section, p->section) == 0 && strcmp(items[i].key, key) == 0)
+                        item = &items[i];
+        if (!item)
+                return parse_error(p, p->line, "Unknown key '%s' in section [%s]", excerpt(key, e), p->section_name);
+        i = (size_t) (item - items);
         lines = p->kind == SECTION_FIXED    ? p->fixed_lines
                 : p->kind == SECTION_TARGET ? p->target_lines[p->instance]
                                             : p->slot_lines[p->instance];
-        for (size_t i = 0; i < ELEMENTSOF(items); i++) {
-                const struct config_item *item = &items[i];
-                char expected[128];
-                int r;
-
-                if (strcmp(item->section, p->section) != 0 || strcmp(item->key, key) != 0)
-                        continue;
-                if (lines[i])
-                        return log_error_errno(-EINVAL, "%s:%u: Key '%s' in [%s] already set at line %u",
-                                               p->path, p->line, key, p->section, lines[i]);
-                r = item->parse(item, value, (char *) base_of(p) + item->offset);
-                if (r == -ENOMEM)
-                        return log_error_errno(r, "Out of memory");
-                if (r < 0) {
-                        describe_expected(item, expected, sizeof(expected));
-                        return log_error_errno(r, "%s:%u: Invalid value '%s' for %s in [%s]: expected %s",
-                                               p->path, p->line, value, key, p->section, expected);
-                }
-                lines[i] = p->line;
-                return 0;
+        if (lines[i])
+                return parse_error(p, p->line, "Key '%s' in [%s] already set at line %u", key, p->section_name, lines[i]);
+        r = unquote(p, key, strip(eq + 1), &value);
+        if (r < 0)
+                return r;
+        if (!*value && item->nonempty) {
+                if (item->default_value)
+                        return parse_error(p, p->line, "%s in [%s] needs a value (remove the line for the default, %s)",
+                                           key, p->section_name, item->default_value);
+                return parse_error(p, p->line, "%s in [%s] needs a value", key, p->section_name);
         }
-        return log_error_errno(-EINVAL, "%s:%u: Unknown key '%s' in section [%s]", p->path, p->line, key, p->section);
+        r = item->parse(item, value, (char *) base_of(p) + item->offset);
+        if (r == -ENOMEM)
+                return log_error_errno(r, "Out of memory");
+        if (r < 0) {
+                describe_expected(item, expected, sizeof(expected));
+                return parse_error(p, p->line, "Invalid value '%s' for %s in [%s]: expected %s", excerpt(value, e), key,
+                                   p->section_name, expected);
+        }
+        lines[i] = p->line;
+        return 0;
+}
+
+/* otad.conf is text: valid UTF-8 without control characters but the tab.
+ * Anything else is an editor accident or a truncated write, and a NUL
+ * would silently cut the value short. */
+static int check_characters(struct parser *p, const char *line, size_t n) {
+        size_t column = 1;
+
+        for (size_t i = 0; i < n; column++) {
+                uint32_t cp;
+                int len = utf8_decode(line + i, n - i, &cp);
+
+                if (len < 0)
+                        return parse_error(p, p->line, "Invalid UTF-8 at column %zu%s", column, p->in_section);
+                if (cp == 0)
+                        return parse_error(p, p->line, "NUL byte at column %zu%s", column, p->in_section);
+                if ((cp < 0x20 && cp != '\t') || (cp >= 0x7f && cp < 0xa0))
+                        return parse_error(p, p->line, "Control character 0x%02x at column %zu%s", (unsigned) cp, column,
+                                           p->in_section);
+                i += (size_t) len;
+        }
+        return 0;
+}
+
+static int parse_line(struct parser *p, char *line, size_t n) {
+        /* A byte order mark some editors write; systemd skips it too. */
+        if (p->line == 1 && n >= 3 && memcmp(line, "\xef\xbb\xbf", 3) == 0) {
+                line += 3;
+                n -= 3;
+        }
+        /* A file saved with CRLF line endings. */
+        if (n > 0 && line[n - 1] == '\r')
+                line[--n] = '\0';
+        if (check_characters(p, line, n) < 0)
+                return -EINVAL;
+        line = strip(line);
+        if (*line == '\0' || *line == '#' || *line == ';')
+                return 0;
+        return *line == '[' ? parse_section_header(p, line) : parse_assignment(p, line);
+}
+
+/* Reads the next line of f into buf (CONFIG_LINE_MAX + 1 bytes) without its
+ * newline. Returns its length; -ENODATA at the end of the file; -E2BIG for
+ * a longer line, read to its end but not kept, so memory stays bounded;
+ * another negative errno when reading fails. */
+static ssize_t read_line(FILE *f, char *buf) {
+        bool too_long = false;
+        size_t n = 0;
+        int ch;
+
+        while ((ch = getc_unlocked(f)) != EOF && ch != '\n') {
+                if (n < CONFIG_LINE_MAX)
+                        buf[n++] = (char) ch;
+                else
+                        too_long = true;
+        }
+        if (ch == EOF && ferror(f))
+                return errno > 0 ? -errno : -EIO;
+        if (ch == EOF && n == 0 && !too_long)
+                return -ENODATA;
+        buf[n] = '\0';
+        return too_long ? -E2BIG : (ssize_t) n;
 }
 
 static bool string_missing(const void *base, const struct config_item *item) {
@@ -431,14 +631,13 @@ static int check_required(struct parser *p) {
                         for (size_t t = 0; t < c->n_targets; t++)
                                 if (!p->target_lines[t][i] ||
                                     (item->parse == parse_string && string_missing(&c->targets[t], item)))
-                                        return log_error_errno(-EINVAL, "%s:%u: [target.%s] needs %s=",
-                                                               p->path, c->targets[t].line, c->targets[t].name, item->key);
+                                        return parse_error(p, c->targets[t].line, "[target.%s] needs %s=",
+                                                           c->targets[t].name, item->key);
                 } else if (strcmp(item->section, "slot") == 0) {
                         for (size_t s = 0; s < c->n_slots; s++)
                                 if (string_missing(&c->slots[s], item))
-                                        return log_error_errno(-EINVAL, "%s:%u: [slot.%s.%s] needs %s=",
-                                                               p->path, c->slots[s].line, c->slots[s].class_name,
-                                                               c->slots[s].name, item->key);
+                                        return parse_error(p, c->slots[s].line, "[slot.%s.%s] needs %s=",
+                                                           c->slots[s].class_name, c->slots[s].name, item->key);
                 } else if (string_missing(c, item)) {
                         unsigned where = 0;
 
@@ -446,10 +645,10 @@ static int check_required(struct parser *p) {
                                 if (strcmp(fixed_sections[s], item->section) == 0)
                                         where = p->section_lines[s];
                         if (where)
-                                return log_error_errno(-EINVAL, "%s:%u: Missing required key '%s' in section [%s]",
-                                                       p->path, where, item->key, item->section);
-                        return log_error_errno(-EINVAL, "%s: Missing required key '%s': there is no [%s] section",
-                                               p->path, item->key, item->section);
+                                return parse_error(p, where, "Missing required key '%s' in section [%s]",
+                                                   item->key, item->section);
+                        return parse_error(p, 0, "Missing required key '%s': there is no [%s] section",
+                                           item->key, item->section);
                 }
         }
         return 0;
@@ -463,61 +662,74 @@ static size_t count_slots(const struct otad_config *c, const char *class_name) {
         return n;
 }
 
-/* Rules that span keys; each names where to look. */
+/* Where [section] key of a fixed section was set; 0 when it kept its default. */
+static unsigned key_line(const struct parser *p, const char *section, const char *key) {
+        for (size_t i = 0; i < ELEMENTSOF(items); i++)
+                if (strcmp(items[i].section, section) == 0 && strcmp(items[i].key, key) == 0)
+                        return p->fixed_lines[i];
+        return 0;
+}
+
+/* Rules that span keys; each names the line to look at. */
 static int check_consistency(struct parser *p) {
         struct otad_config *c = p->config;
-        const char *path = p->path;
+        char e[EXCERPT_MAX + 4];
 
-        if (!is_name(c->mqtt.thing_name, ":_-") || strlen(c->mqtt.thing_name) > 128)
-                return log_error_errno(-EINVAL, "%s: thing_name '%s' must be 1-128 of [a-zA-Z0-9:_-] (AWS IoT thing name rule)",
-                                       path, c->mqtt.thing_name);
+        if (!is_name(c->mqtt.thing_name, ":_-", 128))
+                return parse_error(p, key_line(p, "mqtt", "thing_name"),
+                                   "thing_name '%s' must be 1-128 of [a-zA-Z0-9:_-] (AWS IoT thing name rule)",
+                                   excerpt(c->mqtt.thing_name, e));
         if (!*c->mqtt.client_id && parse_string(NULL, c->mqtt.thing_name, &c->mqtt.client_id) < 0)
                 return log_error_errno(-ENOMEM, "Out of memory");
         if (strlen(c->mqtt.client_id) > 128 || c->mqtt.client_id[0] == '$')
-                return log_error_errno(-EINVAL, "%s: client_id must be at most 128 bytes and not start with '$' (AWS IoT rule)",
-                                       path);
+                return parse_error(p, key_line(p, "mqtt", "client_id"),
+                                   "client_id must be at most 128 bytes and not start with '$' (AWS IoT rule)");
         /* AWS IoT treats 0 and >1200 as 1200 and 1..29 as 30; say so rather
          * than let the broker surprise the user. */
         if (c->mqtt.keepalive < 30 || c->mqtt.keepalive > 1200) {
                 int64_t clamped = c->mqtt.keepalive < 30 && c->mqtt.keepalive != 0 ? 30 : 1200;
 
-                log_notice("%s: keepalive %" PRId64 " is outside AWS IoT's 30..1200 s, using %" PRId64,
-                           path, c->mqtt.keepalive, clamped);
+                log_notice("%s:%u: keepalive %" PRId64 " is outside AWS IoT's 30..1200 s, using %" PRId64,
+                           p->path, key_line(p, "mqtt", "keepalive"), c->mqtt.keepalive, clamped);
                 c->mqtt.keepalive = clamped;
         }
-        if (c->mqtt.reconnect_min > c->mqtt.reconnect_max)
-                return log_error_errno(-EINVAL, "%s: reconnect_min (%" PRId64 ") is larger than reconnect_max (%" PRId64 ")",
-                                       path, c->mqtt.reconnect_min, c->mqtt.reconnect_max);
+        if (c->mqtt.reconnect_min > c->mqtt.reconnect_max) {
+                unsigned min_line = key_line(p, "mqtt", "reconnect_min"), max_line = key_line(p, "mqtt", "reconnect_max");
+
+                return parse_error(p, min_line > max_line ? min_line : max_line,
+                                   "reconnect_min (%" PRId64 ") is larger than reconnect_max (%" PRId64 ")",
+                                   c->mqtt.reconnect_min, c->mqtt.reconnect_max);
+        }
         if (c->state.directory[0] != '/')
-                return log_error_errno(-EINVAL, "%s: [state] directory must be an absolute path", path);
+                return parse_error(p, key_line(p, "state", "directory"), "[state] directory must be an absolute path");
         if (c->update.reboot_policy == REBOOT_MARKER && !*c->update.reboot_marker)
-                return log_error_errno(-EINVAL, "%s: reboot_policy=marker needs reboot_marker=", path);
+                return parse_error(p, key_line(p, "update", "reboot_policy"),
+                                   "reboot_policy=marker in [update] needs reboot_marker=");
         if (c->bootloader.type == BOOTLOADER_CUSTOM && !*c->bootloader.command)
-                return log_error_errno(-EINVAL, "%s: [bootloader] type=custom needs command=", path);
+                return parse_error(p, key_line(p, "bootloader", "type"), "type=custom in [bootloader] needs command=");
 
         for (size_t i = 0; i < c->n_targets; i++) {
                 const struct config_target *t = &c->targets[i];
 
                 if (t->type == TARGET_FILE && !*t->directory)
-                        return log_error_errno(-EINVAL, "%s:%u: [target.%s] type=file needs directory=", path, t->line, t->name);
+                        return parse_error(p, t->line, "[target.%s] type=file needs directory=", t->name);
                 if (t->type == TARGET_COMMAND && !*t->command)
-                        return log_error_errno(-EINVAL, "%s:%u: [target.%s] type=command needs command=", path, t->line, t->name);
+                        return parse_error(p, t->line, "[target.%s] type=command needs command=", t->name);
                 if (t->type == TARGET_AB) {
                         if (count_slots(c, t->slot_class) != 2)
-                                return log_error_errno(-EINVAL, "%s:%u: [target.%s] type=ab needs exactly two [slot.%s.NAME] sections, found %zu",
-                                                       path, t->line, t->name, t->slot_class, count_slots(c, t->slot_class));
+                                return parse_error(p, t->line,
+                                                   "[target.%s] type=ab needs exactly two [slot.%s.NAME] sections, found %zu",
+                                                   t->name, t->slot_class, count_slots(c, t->slot_class));
                         if (c->bootloader.type == BOOTLOADER_NONE)
-                                return log_error_errno(-EINVAL, "%s:%u: [target.%s] type=ab needs a [bootloader] type",
-                                                       path, t->line, t->name);
+                                return parse_error(p, t->line, "[target.%s] type=ab needs a [bootloader] type", t->name);
                 }
         }
         for (size_t i = 0; i < c->n_slots; i++)
                 for (size_t j = 0; j < i; j++)
                         if (strcmp(c->slots[i].class_name, c->slots[j].class_name) == 0 &&
                             strcmp(c->slots[i].bootname, c->slots[j].bootname) == 0)
-                                return log_error_errno(-EINVAL, "%s:%u: bootname '%s' already used by [slot.%s.%s]",
-                                                       path, c->slots[i].line, c->slots[i].bootname,
-                                                       c->slots[j].class_name, c->slots[j].name);
+                                return parse_error(p, c->slots[i].line, "bootname '%s' already used by [slot.%s.%s]",
+                                                   c->slots[i].bootname, c->slots[j].class_name, c->slots[j].name);
         return 0;
 }
 
@@ -535,18 +747,18 @@ static void parser_done(struct parser *p) {
 
 int config_load(const char *path, struct otad_config **ret) {
         _cleanup_fclose_ FILE *f = NULL;
+        _cleanup_free_ char *buf = NULL;
         struct otad_config *c = NULL;
         struct parser p = { .path = path };
-        _cleanup_free_ char *buf = NULL;
-        size_t bufsize = 0;
         int r;
 
         f = fopen(path, "re");
         if (!f)
                 return log_error_errno(-errno, "Failed to open %s: %m", path);
+        buf = malloc(CONFIG_LINE_MAX + 1);
         c = calloc(1, sizeof(*c));
         p.fixed_lines = calloc(ELEMENTSOF(items), sizeof(unsigned));
-        if (!c || !p.fixed_lines || !(c->path = strdup(path))) {
+        if (!buf || !c || !p.fixed_lines || !(c->path = strdup(path))) {
                 r = log_error_errno(-ENOMEM, "Out of memory");
                 goto fail;
         }
@@ -559,21 +771,33 @@ int config_load(const char *path, struct otad_config **ret) {
                 }
         }
 
-        while (getline(&buf, &bufsize, f) >= 0) {
-                char *line;
+        /* Every syntax error is reported, as a compiler does, so that one
+         * run of --check-config names them all; the rules across keys are
+         * checked only on a file without any. */
+        for (;;) {
+                ssize_t n = read_line(f, buf);
 
-                p.line++;
-                line = strip(buf);
-                if (*line == '\0' || *line == '#' || *line == ';')
-                        continue;
-                r = *line == '[' ? parse_section_header(&p, line) : parse_assignment(&p, line);
-                if (r < 0)
+                if (n == -ENODATA)
+                        break;
+                if (n < 0 && n != -E2BIG) {
+                        r = log_error_errno((int) n, "Failed to read %s: %m", path);
                         goto fail;
+                }
+                p.line++;
+                if (n == -E2BIG)
+                        r = parse_error(&p, p.line, "Line longer than %d bytes%s", CONFIG_LINE_MAX, p.in_section);
+                else
+                        r = parse_line(&p, buf, (size_t) n);
+                if (r < 0 && r != -EINVAL)
+                        goto fail;
+                if (p.n_errors >= ERRORS_MAX) {
+                        log_error("%s: %u errors, not reading further", path, p.n_errors);
+                        break;
+                }
         }
-        if (ferror(f)) {
-                r = log_error_errno(-EIO, "Failed to read %s", path);
+        r = p.error;
+        if (r < 0)
                 goto fail;
-        }
         r = check_required(&p);
         if (r < 0)
                 goto fail;
@@ -588,55 +812,6 @@ fail:
         parser_done(&p);
         config_free(c);
         return r;
-}
-
-static int check_exists(const char *path, const char *what, bool want_dir) {
-        struct stat st;
-
-        if (stat(path, &st) < 0)
-                return log_error_errno(-errno, "%s %s: %m", what, path);
-        if (want_dir && !S_ISDIR(st.st_mode))
-                return log_error_errno(-ENOTDIR, "%s %s is not a directory", what, path);
-        if (!want_dir && S_ISDIR(st.st_mode))
-                return log_error_errno(-EISDIR, "%s %s is a directory", what, path);
-        return 0;
-}
-
-/* A private key others can read is a stolen device identity waiting to
- * happen; refuse it like ssh does. */
-static int check_private_key(const char *path) {
-        struct stat st;
-
-        if (stat(path, &st) < 0)
-                return log_error_errno(-errno, "key_file %s: %m", path);
-        if (st.st_mode & (S_IRWXG | S_IRWXO))
-                return log_error_errno(-EPERM, "key_file %s is accessible by group or others (mode %04o); run chmod 600 %s",
-                                       path, (unsigned) (st.st_mode & 07777), path);
-        return 0;
-}
-
-int config_check_files(const struct otad_config *c) {
-        int first = 0, r;
-
-#define CHECK(expr) do { r = (expr); if (r < 0 && first == 0) first = r; } while (0)
-        CHECK(check_exists(c->mqtt.ca_file, "ca_file", false));
-        CHECK(check_exists(c->mqtt.cert_file, "cert_file", false));
-        CHECK(check_private_key(c->mqtt.key_file));
-        if (c->n_targets > 0)
-                CHECK(check_exists(c->ota.trust_dir, "trust_dir", true));
-        if (*c->ota.signing_ca)
-                CHECK(check_exists(c->ota.signing_ca, "signing_ca", false));
-        for (size_t i = 0; i < c->n_targets; i++)
-                if (c->targets[i].type == TARGET_FILE)
-                        CHECK(check_exists(c->targets[i].directory, "target directory", true));
-        for (size_t i = 0; i < c->n_slots; i++)
-                CHECK(check_exists(c->slots[i].device, "slot device", false));
-        if (c->bootloader.type == BOOTLOADER_GRUB)
-                CHECK(check_exists(c->bootloader.grubenv, "grubenv", false));
-        if (c->bootloader.type == BOOTLOADER_UBOOT)
-                CHECK(check_exists(c->bootloader.fw_env_config, "fw_env_config", false));
-#undef CHECK
-        return first;
 }
 
 static void free_strings(const char *section, void *base) {

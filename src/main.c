@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "config.h"
+#include "config_check.h"
 #include "daemon.h"
 #include "log.h"
 #include "status.h"
@@ -24,6 +25,23 @@ static void help(void) {
                "  -v, --verbose       log at debug level, whatever [log] level says\n"
                "      --version       print the version and exit\n"
                "  -h, --help          show this help\n");
+}
+
+/* otad --check-config: config_load() has checked the syntax; the rest is
+ * config_check()'s list. Ends with one line on stdout for a person or a
+ * script; problems went to stderr, each naming its file. */
+static int check_config(const char *config_path, const struct otad_config *config) {
+        unsigned warnings = 0;
+        int r;
+
+        r = config_check(config, &warnings);
+        if (r < 0)
+                return r;
+        if (warnings > 0)
+                printf("%s: configuration OK, %u warning%s\n", config_path, warnings, warnings == 1 ? "" : "s");
+        else
+                printf("%s: configuration OK\n", config_path);
+        return 0;
 }
 
 int main(int argc, char *argv[]) {
@@ -96,9 +114,7 @@ int main(int argc, char *argv[]) {
         }
 
         if (check_only) {
-                r = config_check_files(config);
-                if (r >= 0)
-                        printf("%s: configuration OK\n", config_path);
+                r = check_config(config_path, config);
                 config_free(config);
                 return r < 0 ? EXIT_FAILURE : EXIT_SUCCESS;
         }

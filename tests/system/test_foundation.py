@@ -3,6 +3,7 @@
 configuration checks, its sd_notify conversation with systemd, its unit file,
 its man pages and what `meson install` puts where."""
 
+import datetime
 import os
 import re
 import shutil
@@ -13,6 +14,11 @@ import tempfile
 import time
 import unittest
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
 SOURCE = os.environ.get("OTAD_SOURCE_ROOT", os.path.join(os.path.dirname(__file__), "..", ".."))
 BUILD = os.environ.get("OTAD_BUILD_ROOT", os.path.join(SOURCE, "build"))
 OTAD = os.environ.get("OTAD_BIN", os.path.join(BUILD, "src", "otad"))
@@ -20,6 +26,22 @@ OTAD = os.environ.get("OTAD_BIN", os.path.join(BUILD, "src", "otad"))
 
 def run(argv, **kw):
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, **kw)
+
+
+def new_key():
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def self_signed(key, cn, days_before, days_after):
+    """A certificate valid from now - days_before until now + days_after
+    (negative: in the past)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=days_before))
+            .not_valid_after(now + datetime.timedelta(days=days_after))
+            .sign(key, hashes.SHA256()))
 
 
 class Workdir(unittest.TestCase):
@@ -36,10 +58,20 @@ class Workdir(unittest.TestCase):
         os.chmod(path, mode)
         return path
 
-    def valid_config(self, extra=""):
-        for name in ("ca.crt", "gw.crt"):
-            self.write(name, "-----BEGIN CERTIFICATE-----\n")
-        self.write("gw.key", "-----BEGIN PRIVATE KEY-----\n", 0o600)
+    def write_cert(self, name, cert):
+        self.write(name, cert.public_bytes(serialization.Encoding.PEM).decode())
+
+    def write_key(self, name, key):
+        self.write(name, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()).decode(), 0o600)
+
+    def valid_config(self, extra="", cert_days=365):
+        """A configuration --check-config accepts: a CA and a device
+        certificate valid for cert_days more days, with its key."""
+        self.write_cert("ca.crt", self_signed(new_key(), "test CA", 1, 365))
+        self.device_key = new_key()
+        self.write_cert("gw.crt", self_signed(self.device_key, "gw-test", 1, cert_days))
+        self.write_key("gw.key", self.device_key)
         return self.write("otad.conf", f"""[mqtt]
 endpoint = 127.0.0.1
 port = 1
@@ -89,6 +121,49 @@ class CommandLine(Workdir):
         r = run([OTAD, "--check-config", "-c", path])
         self.assertEqual(r.returncode, 1)
         self.assertIn("is accessible by group or others (mode 0644)", r.stderr)
+
+    def test_unknown_key_names_the_target_section(self):
+        path = self.valid_config("[target.app]\ntype = file\ndirectroy = /var/lib/app\n")
+        line = open(path).read().splitlines().index("directroy = /var/lib/app") + 1
+        r = run([OTAD, "--check-config", "-c", path])
+        self.assertEqual(r.returncode, 1)
+        self.assertIn(f"{path}:{line}: Unknown key 'directroy' in section [target.app]", r.stderr)
+
+
+class CheckConfigCertificates(Workdir):
+    """--check-config judges the device certificate as the broker will:
+    its validity period, and whether key_file is its key."""
+
+    def check(self, path):
+        return run([OTAD, "--check-config", "-c", path])
+
+    def test_valid_certificate_passes(self):
+        path = self.valid_config(cert_days=365)
+        r = self.check(path)
+        self.assertEqual((r.returncode, r.stdout, r.stderr), (0, f"{path}: configuration OK\n", ""))
+
+    def test_expired_certificate_is_refused_with_its_dates(self):
+        path = self.valid_config()
+        self.write_cert("gw.crt", self_signed(self.device_key, "gw-test", 400, -2))
+        r = self.check(path)
+        self.assertEqual(r.returncode, 1, r.stdout)
+        self.assertRegex(r.stderr, rf"cert_file {self.dir}/gw.crt has expired: valid from \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC "
+                                   r"until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC, now is .*The broker will refuse it")
+        self.assertNotIn("configuration OK", r.stdout)
+
+    def test_certificate_expiring_in_10_days_passes_with_a_warning(self):
+        path = self.valid_config(cert_days=10)
+        r = self.check(path)
+        self.assertEqual((r.returncode, r.stdout), (0, f"{path}: configuration OK, 1 warning\n"), r.stderr)
+        self.assertIn(f"warning: cert_file {self.dir}/gw.crt expires on ", r.stderr)
+        self.assertIn(", in 10 days: the broker will refuse it after that", r.stderr)
+
+    def test_key_of_another_certificate_is_refused(self):
+        path = self.valid_config()
+        self.write_key("gw.key", new_key())
+        r = self.check(path)
+        self.assertEqual(r.returncode, 1, r.stdout)
+        self.assertIn(f"key_file {self.dir}/gw.key does not belong to cert_file {self.dir}/gw.crt", r.stderr)
 
 
 class NotifySocket(Workdir):
@@ -224,7 +299,7 @@ class UnitFile(Workdir):
 def config_table_keys():
     """(section, key) of every entry in config.c's table."""
     text = open(os.path.join(SOURCE, "src", "config.c")).read()
-    return set(re.findall(r'^\s+(?:STR|REQ|INT|BOOL|ENUM|\{)\s*\(?\s*"([a-z]+)",\s*"([a-z_]+)"', text, re.M))
+    return set(re.findall(r'^\s+(?:[A-Z]+\s*\(|\{)\s*"([a-z]+)",\s*"([a-z_]+)"', text, re.M))
 
 
 class Documentation(unittest.TestCase):
