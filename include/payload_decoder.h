@@ -86,12 +86,13 @@ void payload_decoder_free(struct payload_decoder *d);
  *              types, dictionary, sizes that disagree with the manifest)
  *   -EFBIG     bytes beyond payload_size
  *   the write callback's error
- * After an error, only payload_decoder_seek() (or free) is valid. */
+ * After an error feed() returns -ESTALE until payload_decoder_seek(). */
 int payload_decoder_feed(struct payload_decoder *d, const void *buf, size_t len);
 
-/* Valid once the header was fed: positions the decoder at chunk index (its
- * first byte is the next one feed() expects) and returns that payload offset.
- * Clears an error. -ERANGE for index > chunk_count, -EAGAIN before the header. */
+/* Positions the decoder at chunk index (its first byte is the next one
+ * feed() expects) and returns that payload offset; index == chunk_count is
+ * the end. Clears an error. Before the header is done only index 0 is valid
+ * (start again, header first): -EAGAIN otherwise; -ERANGE past the end. */
 int payload_decoder_seek(struct payload_decoder *d, uint32_t index, uint64_t *ret_payload_offset);
 
 /* One whole compressed chunk, by index, in any order; verified, decompressed
