@@ -492,6 +492,13 @@ def main():
     ap.add_argument("--protocol", choices=("MQTT", "HTTP"), action="append",
                     help="data protocol(s) of the OTA job (default MQTT)")
     ap.add_argument("--job-id", default="AFR_OTA-demo-1")
+    ap.add_argument("--ota-update", metavar="JSON",
+                    help="queue the OTA update of this CreateOTAUpdate request "
+                    "(`otad bundle create`'s ota-update.json); its S3 keys are "
+                    "files beside it, its targets the things (else the first)")
+    ap.add_argument("--create-stream", metavar="JSON",
+                    help="first create the stream of this CreateStream request "
+                    "(create-stream.json)")
     ap.add_argument("--aws-caps", action="store_true",
                     help="apply AWS's 512 KiB/s and 100 publishes/s per thing")
     args = ap.parse_args()
@@ -505,6 +512,20 @@ def main():
                 stack.service.set_aws_caps(thing)
         print("broker: mqtts://localhost:%d  https: 127.0.0.1:%d  work dir: %s"
               % (stack.broker.port, stack.service.https.port, stack.workdir))
+        if args.create_stream:
+            with open(args.create_stream) as f:
+                sid = stack.service.create_stream_request(
+                    json.load(f), os.path.dirname(os.path.abspath(args.create_stream)))
+            print("created stream %s" % sid)
+        if args.ota_update:
+            with open(args.ota_update) as f:
+                request = json.load(f)
+            info = stack.service.create_ota_update(
+                request, os.path.dirname(os.path.abspath(args.ota_update)),
+                things=None if all(ota_request.THING_ARN_RE.match(t) and
+                                   ota_request.THING_ARN_RE.match(t).group(1) in things
+                                   for t in request["targets"]) else things[:1])
+            print("queued %s for %s" % (info["job_id"], ", ".join(info["things"])))
         if args.ota_file:
             stack.service.queue_ota_job(things[0], args.job_id, args.ota_file,
                                         protocols=args.protocol or ["MQTT"])
