@@ -686,7 +686,7 @@ static void mutate(const char *from, const char *to, const char *needle, const c
 
 static void test_manifest(void) {
         struct bundle_manifest *m = NULL, *m2 = NULL;
-        _cleanup_free_ char *text = NULL, *big = NULL, *parts = NULL;
+        _cleanup_free_ char *text = NULL, *big = NULL;
         char err[256] = "";
         size_t idx = 99;
         int r;
