@@ -113,6 +113,7 @@ struct otad_config {
                 char *os_release;       /* where VERSION_ID is read from */
                 bool allow_downgrade;
                 bool allow_same_version;
+                char *compatible;       /* what a bundle's manifest must name; empty: no bundle is */
                 enum reboot_policy reboot_policy;
                 char *reboot_command;
                 int64_t reboot_delay;   /* seconds, REBOOT_DELAY */

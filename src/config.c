@@ -120,6 +120,7 @@ static const struct config_item items[] = {
         NONEMPTY("update", "os_release", C(update.os_release), "/etc/os-release"),
         BOOL("update", "allow_downgrade", C(update.allow_downgrade), "no"),
         BOOL("update", "allow_same_version", C(update.allow_same_version), "no"),
+        STR("update", "compatible", C(update.compatible), ""),
         ENUM("update", "reboot_policy", C(update.reboot_policy), "immediate", reboot_policy_names),
         NONEMPTY("update", "reboot_command", C(update.reboot_command), "systemctl reboot"),
         INT("update", "reboot_delay", C(update.reboot_delay), "0", 0, 604800),

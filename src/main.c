@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bundle_tool.h"
 #include "config.h"
 #include "config_check.h"
 #include "daemon.h"
@@ -15,6 +16,7 @@
 static void help(void) {
         printf("Usage: otad [OPTIONS]\n"
                "       otad status [--json] [-c PATH]\n"
+               "       otad bundle create|inspect|verify ...   (see otad-bundle(1))\n"
                "\n"
                "Over-the-air update daemon for AWS IoT Jobs (see otad(8)).\n"
                "\n"
@@ -60,6 +62,10 @@ int main(int argc, char *argv[]) {
         struct otad_config *config = NULL;
         struct otad *otad = NULL;
         int c, r;
+
+        /* A tool of its own, run on the build host: its options are its own. */
+        if (argc >= 2 && strcmp(argv[1], "bundle") == 0)
+                return bundle_tool_main(argc - 1, argv + 1);
 
         while ((c = getopt_long(argc, argv, "c:vh", options, NULL)) >= 0)
                 switch (c) {

@@ -3,13 +3,16 @@
 # its tests and to run its demo. Idempotent; needs root. (qemu, ovmf and
 # grub-efi run the documented grub.cfg in real GRUB: tests/test-grub-boot.c;
 # qemu-system-arm and u-boot-qemu the documented boot script in real U-Boot:
-# tests/test-uboot-boot.c.)
+# tests/test-uboot-boot.c;
+# libzck, zstd, zchunk and python3-botocore: update bundles, tests/test-bundle.c
+# and tests/integration/test_bundle_tool.py.)
 set -eu
 
 packages="
   meson ninja-build pkg-config gcc libc6-dev
   libmosquitto-dev libssl-dev libcjson-dev libcbor-dev libsystemd-dev
   libcurl4-openssl-dev libubootenv-dev
+  libzck-dev libzstd-dev zchunk zstd python3-botocore
   mosquitto mosquitto-clients openssl curl ca-certificates
   python3 python3-paho-mqtt python3-cbor2 python3-cryptography
   nginx-light grub-common libubootenv-tool u-boot-tools

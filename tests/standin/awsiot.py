@@ -22,6 +22,7 @@ import uuid
 import paho.mqtt.client as mqtt
 
 import jobs as jobs_mod
+import ota_request
 import streams as streams_mod
 from faults import Faults, Pacer
 from httpsd import PresignedServer
@@ -266,7 +267,7 @@ class AwsIot:
                       protocols=("MQTT",), stream_id=None, signing_key=None,
                       signature=None, certfile="ota-signer.crt", file_type=0,
                       filepath="firmware.bin", split_bytes=None, part_fields=None,
-                      url_lifetime=None):
+                      url_lifetime=None, reuse_stream=False):
         """Queues an `afr_ota` job and makes its data available.
 
         image: bytes or a path, for a one-file job. files: instead, a list of
@@ -279,6 +280,8 @@ class AwsIot:
         split_bytes=N: each file is cut into N-byte parts, each part its own
         files[] entry (fileid 0..k-1, own filesize and signature);
         part_fields(index, offset, part) -> dict adds/overrides entry fields.
+        reuse_stream: stream_id names a stream created before (CreateStream)
+        whose file ids the entries already use; it is left as it is.
         Returns {"stream_id", "entries" (files[] without URLs), "document"
         (the callable that renders the job document)}.
         """
@@ -305,13 +308,14 @@ class AwsIot:
             data = spec.pop("data")
             sig = spec.pop("signature", signature)
             key_file = spec.pop("signing_key", signing_key) or self.pki.signer_key
+            sig_key = spec.pop("sig_key", "sig-sha256-ecdsa")
             entry = {"filepath": spec.pop("filepath"), "filesize": len(data),
                      "fileid": spec.pop("fileid"), "certfile": spec.pop("certfile"),
                      "fileType": spec.pop("fileType"),
-                     "sig-sha256-ecdsa": sig if sig is not None else sign_bytes(data, key_file)}
+                     sig_key: sig if sig is not None else sign_bytes(data, key_file)}
             entry.update(spec)
             entries.append((entry, data))
-        if "MQTT" in protocols:
+        if "MQTT" in protocols and not reuse_stream:
             self.streams.create(stream_id, {e["fileid"]: d for e, d in entries},
                                 "OTA job %s" % job_id)
         if "HTTP" in protocols:
@@ -352,6 +356,41 @@ class AwsIot:
                     part.update(part_fields(len(parts), offset, part["data"]))
                 parts.append(part)
         return parts
+
+    # ---- CreateOTAUpdate / CreateStream from their request JSON -----------
+
+    def create_stream_request(self, request, files_dir):
+        """CreateStream as `aws iot create-stream --cli-input-json
+        file://create-stream.json` sends it: each files[] entry's S3 object
+        is read from files_dir/<key> (the directory stands in for every
+        bucket). Returns the stream id."""
+        ota_request.validate("CreateStream", request)
+        files = {}
+        for f in request["files"]:
+            files[f["fileId"]] = ota_request.read_object(files_dir, f["s3Location"])
+        self.streams.create(request["streamId"], files, request.get("description", ""))
+        return request["streamId"]
+
+    def create_ota_update(self, request, files_dir, things=None):
+        """CreateOTAUpdate as `aws iot create-ota-update --cli-input-json
+        file://ota-update.json` sends it, mapped to an afr_ota job the way
+        the OTA Update Manager does (ota_request.py says how): S3 files are
+        read from files_dir/<key>; MQTT gets a stream AFR_OTA-<uuid> unless
+        the files name an existing one; the job is AFR_OTA-<otaUpdateId>
+        for every thing of `targets` (thing ARNs; `things` overrides them).
+        Returns queue_ota_job()'s answer for the first thing, plus "job_id"
+        and "things"."""
+        plan = ota_request.plan(request, files_dir, self.streams)
+        things = list(things) if things else plan["things"]
+        out = None
+        for thing in things:
+            info = self.queue_ota_job(thing, plan["job_id"], files=plan["files"],
+                                      protocols=plan["protocols"],
+                                      stream_id=plan["stream_id"],
+                                      url_lifetime=plan["url_lifetime"],
+                                      reuse_stream=plan["stream_exists"])
+            out = out or dict(info, job_id=plan["job_id"], things=things)
+        return out
 
     # ---- Streams (§3) ------------------------------------------------------
 
@@ -453,6 +492,13 @@ def main():
     ap.add_argument("--protocol", choices=("MQTT", "HTTP"), action="append",
                     help="data protocol(s) of the OTA job (default MQTT)")
     ap.add_argument("--job-id", default="AFR_OTA-demo-1")
+    ap.add_argument("--ota-update", metavar="JSON",
+                    help="queue the OTA update of this CreateOTAUpdate request "
+                    "(`otad bundle create`'s ota-update.json); its S3 keys are "
+                    "files beside it, its targets the things (else the first)")
+    ap.add_argument("--create-stream", metavar="JSON",
+                    help="first create the stream of this CreateStream request "
+                    "(create-stream.json)")
     ap.add_argument("--aws-caps", action="store_true",
                     help="apply AWS's 512 KiB/s and 100 publishes/s per thing")
     args = ap.parse_args()
@@ -466,6 +512,20 @@ def main():
                 stack.service.set_aws_caps(thing)
         print("broker: mqtts://localhost:%d  https: 127.0.0.1:%d  work dir: %s"
               % (stack.broker.port, stack.service.https.port, stack.workdir))
+        if args.create_stream:
+            with open(args.create_stream) as f:
+                sid = stack.service.create_stream_request(
+                    json.load(f), os.path.dirname(os.path.abspath(args.create_stream)))
+            print("created stream %s" % sid)
+        if args.ota_update:
+            with open(args.ota_update) as f:
+                request = json.load(f)
+            info = stack.service.create_ota_update(
+                request, os.path.dirname(os.path.abspath(args.ota_update)),
+                things=None if all(ota_request.THING_ARN_RE.match(t) and
+                                   ota_request.THING_ARN_RE.match(t).group(1) in things
+                                   for t in request["targets"]) else things[:1])
+            print("queued %s for %s" % (info["job_id"], ", ".join(info["things"])))
         if args.ota_file:
             stack.service.queue_ota_job(things[0], args.job_id, args.ota_file,
                                         protocols=args.protocol or ["MQTT"])
