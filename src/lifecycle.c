@@ -107,12 +107,14 @@ static const struct transition {
         { STAGE_ACTIVATE, EV_INSTALLED, STAGE_COMMIT },
         { STAGE_ACTIVATE, EV_REBOOTING, STAGE_REBOOT },
         { STAGE_ACTIVATE, EV_BOOTED_NEW, STAGE_SELF_TEST }, /* power lost after the switch */
+        { STAGE_ACTIVATE, EV_BOOTED_OLD, STAGE_ROLLBACK },  /* ... and the new slot did not come up */
         { STAGE_ACTIVATE, EV_FAILED, STAGE_FAIL },
         { STAGE_ACTIVATE, EV_RESTARTED, STAGE_ACTIVATE },
         { STAGE_ACTIVATE, EV_CANCELLED, STAGE_NONE },
         { STAGE_REBOOT, EV_BOOTED_NEW, STAGE_SELF_TEST },
         { STAGE_REBOOT, EV_BOOTED_OLD, STAGE_ROLLBACK },     /* the bootloader fell back */
         { STAGE_REBOOT, EV_FAILED, STAGE_ROLLBACK },         /* the reboot command failed */
+        { STAGE_REBOOT, EV_RESTARTED, STAGE_REBOOT },        /* stopped before the reboot happened */
         { STAGE_REBOOT, EV_CANCELLED, STAGE_NONE },
         { STAGE_SELF_TEST, EV_HEALTHY, STAGE_COMMIT },
         { STAGE_SELF_TEST, EV_UNHEALTHY, STAGE_ROLLBACK },
@@ -206,6 +208,20 @@ static int booted_new_slot(struct lifecycle *lc) {
         return strcmp(booted->bootname, lc->rec.new_slot) == 0;
 }
 
+/* Whether the bootloader still has the new slot's one try ahead of it: the
+ * reboot that otad asked for has not happened (otad was restarted before
+ * it). Once the bootloader booted it, the try is spent (GRUB's X_TRY=1,
+ * U-Boot's BOOT_X_LEFT=0), so running the old slot then means it fell
+ * back. When the bootloader cannot tell, it is taken as spent: the safe
+ * reading ends in a rollback, never in a second try. */
+static bool new_slot_try_pending(struct lifecycle *lc) {
+        bool good = false;
+
+        if (!lc->bootloader || bootloader_get_state(lc->bootloader, lc->rec.new_slot, &good) < 0)
+                return false;
+        return good;
+}
+
 /* Undoing the switch is always allowed: the old slot is good. */
 static void mark_new_slot_bad(struct lifecycle *lc) {
         int r;
@@ -297,6 +313,10 @@ static void leave(struct lifecycle *lc, bool retire) {
         forget_job(lc, false);
         lc->have_record = false;
         lc->rec = (struct state_record){ 0 };
+        /* No update in flight any more: what runs now is the good slot
+         * (the committed new one, or the old one after a rollback or a
+         * cancel), as at every start without one. */
+        mark_booted_good(lc);
         lc->ops->idle(lc->userdata);
 }
 
@@ -359,6 +379,8 @@ static void end_unrecorded(struct lifecycle *lc, enum stage from, enum stage wan
         log_job_errno(LOG_ERR, error, lc->rec.job_id, stage_name(wanted),
                       "Failed to record stage %s of job %s in %s: %m; not acting on a state that is not on disk",
                       stage_name(wanted), lc->rec.job_id, state_dir(lc));
+        /* In hand, if only in memory: it is reported and then retired. */
+        lc->have_record = true;
         lc->rec.stage = switched ? STAGE_ROLLBACK : STAGE_FAIL;
         lc->rec.starts = 0;
         snprintf(lc->rec.result, sizeof(lc->rec.result), "FAILED");
@@ -467,9 +489,14 @@ static void on_transfer_finished(int result, const char *reason, void *userdata)
                 return;
         }
 
+        const struct image *img = images_of_file(&lc->images, index);
         char word[64], detail[512];
 
-        if (reason && *reason)
+        /* The target knows best what went wrong writing it ("cannot sync
+         * slot /dev/sdb3: Input/output error"). */
+        if (img && img->installer && img->installer->reason)
+                snprintf(detail, sizeof(detail), "files[%u]: %s", index, img->installer->reason);
+        else if (reason && *reason)
                 snprintf(detail, sizeof(detail), "files[%u]: %s", index, reason);
         else {
                 errno = -result;
@@ -1024,6 +1051,17 @@ static void restarted(struct lifecycle *lc) {
         (void) fire(lc, EV_RESTARTED, NULL, NULL);
 }
 
+/* The bootloader spent the new slot's try and booted the old one: the new
+ * kernel or init failed, or a watchdog reset the board. */
+static void fire_fell_back(struct lifecycle *lc) {
+        char detail[256];
+
+        snprintf(detail, sizeof(detail),
+                 "booted slot %s although slot %s was activated for one boot: the bootloader fell back",
+                 lc->rec.old_slot[0] ? lc->rec.old_slot : "the old one", lc->rec.new_slot);
+        (void) fire(lc, EV_BOOTED_OLD, "rejected: 0x00000010", detail);
+}
+
 /* What the state directory holds at start, continued as far as it can be
  * without the job document. */
 static void resume(struct lifecycle *lc) {
@@ -1049,20 +1087,18 @@ static void resume(struct lifecycle *lc) {
                         (void) fire(lc, EV_BOOTED_NEW, NULL, NULL);
                 else if (!r->new_slot[0] || r->activated < r->n_images)
                         return; /* an unfinished activation needs the job document */
-                else
+                else if (new_slot_try_pending(lc))
                         restarted(lc);
+                else
+                        fire_fell_back(lc);
                 return;
         case STAGE_REBOOT:
                 if (on_new)
                         (void) fire(lc, EV_BOOTED_NEW, NULL, NULL);
-                else {
-                        char detail[256];
-
-                        snprintf(detail, sizeof(detail),
-                                 "booted slot %s although slot %s was activated for one boot: the bootloader fell back",
-                                 r->old_slot[0] ? r->old_slot : "the old one", r->new_slot);
-                        (void) fire(lc, EV_BOOTED_OLD, "rejected: 0x00000010", detail);
-                }
+                else if (new_slot_try_pending(lc))
+                        restarted(lc); /* otad stopped before the reboot happened: reboot again */
+                else
+                        fire_fell_back(lc);
                 return;
         case STAGE_SELF_TEST:
                 if (on_new)
@@ -1081,10 +1117,14 @@ static void resume(struct lifecycle *lc) {
         default:
                 break;
         }
-        /* Ended: report what is not reported yet, retire what is. */
-        if (r->reported && !(r->stage == STAGE_ROLLBACK && on_new > 0))
+        /* Ended: report what is not reported yet, retire what is. A
+         * rollback's mark may not have reached the bootloader (it could not
+         * write then): it is repeated, it is idempotent. */
+        if (r->reported && !(r->stage == STAGE_ROLLBACK && on_new > 0)) {
+                if (r->stage == STAGE_ROLLBACK)
+                        mark_new_slot_bad(lc);
                 (void) fire(lc, EV_REPORTED, NULL, NULL);
-        else
+        } else
                 schedule_entry(lc, r->stage);
 }
 
