@@ -481,19 +481,12 @@ static void on_transfer_need_url(void *userdata) {
 static void on_transfer_finished(int result, const char *reason, void *userdata) {
         struct lifecycle *lc = userdata;
         unsigned index = lc->rec.file_index;
-
-        transfer_free(lc->transfer);
-        lc->transfer = NULL;
-        if (result >= 0) {
-                (void) fire(lc, EV_RECEIVED, NULL, NULL);
-                return;
-        }
-
         const struct image *img = images_of_file(&lc->images, index);
         char word[64], detail[512];
 
         /* The target knows best what went wrong writing it ("cannot sync
-         * slot /dev/sdb3: Input/output error"). */
+         * slot /dev/sdb3: Input/output error"). reason lives in the
+         * transfer: read before it is freed. */
         if (img && img->installer && img->installer->reason)
                 snprintf(detail, sizeof(detail), "files[%u]: %s", index, img->installer->reason);
         else if (reason && *reason)
@@ -501,6 +494,12 @@ static void on_transfer_finished(int result, const char *reason, void *userdata)
         else {
                 errno = -result;
                 snprintf(detail, sizeof(detail), "files[%u]: %m", index);
+        }
+        transfer_free(lc->transfer);
+        lc->transfer = NULL;
+        if (result >= 0) {
+                (void) fire(lc, EV_RECEIVED, NULL, NULL);
+                return;
         }
         if (result == -ENOSPC || result == -EFBIG)
                 format_reason(word, sizeof(word), NULL, OTA_PAL_RX_FILE_TOO_LARGE, (unsigned) -result);
