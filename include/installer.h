@@ -45,7 +45,8 @@ struct installer_ops {
         /* Reads back bytes [offset, offset+len) exactly as the target holds them. */
         int (*read)(struct installer *in, uint64_t offset, void *buf, size_t len);
         /* The image is verified: make it take effect. Returns 1 when a
-         * reboot is needed for that (A/B), 0 when done (file), or
+         * reboot into in->slot is needed for that (A/B: the caller switches
+         * the bootloader), 0 when done (file), or
          * -EINPROGRESS when it goes on in the event loop (command): then
          * in->activate_done is called with the result later, and it must
          * have been set (installer_set_activate_done) before. */

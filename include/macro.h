@@ -11,6 +11,20 @@
 
 #define ELEMENTSOF(x) (sizeof(x) / sizeof((x)[0]))
 
+/* On every function whose failure must stop what it guards (persistence,
+ * the bootloader, installers): ignoring the result is a compile error. */
+#define _warn_unused_result_ __attribute__((warn_unused_result))
+
+/* An argument check at a module's entry, as systemd's assert_return(): a
+ * caller's programming error becomes an error return instead of a crash
+ * in the field. Bad input from the network or a file is never checked
+ * this way: that is an expected event with its own message. */
+#define assert_return(expr, r)                  \
+        do {                                    \
+                if (__builtin_expect(!(expr), 0)) \
+                        return (r);             \
+        } while (0)
+
 static inline void freep(void *p) {
         free(*(void **) p);
 }

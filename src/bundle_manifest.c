@@ -9,7 +9,7 @@
 
 #include "bundle_manifest.h"
 #include "macro.h"
-#include "ota.h"
+#include "version.h"
 
 static inline void cJSONp(cJSON **p) { cJSON_Delete(*p); }
 
@@ -444,7 +444,7 @@ void bundle_manifest_decide(const struct bundle_manifest *m, const struct bundle
                          (unsigned long long) m->image_size, (unsigned long long) p->slot_size);
                 return;
         }
-        cmp = ota_version_compare(m->version, running);
+        cmp = version_compare(m->version, running);
         if (cmp == 0 && !p->allow_same_version) {
                 ret->verdict = BUNDLE_SAME_VERSION;
                 ret->word = "rejected";

@@ -32,6 +32,18 @@ void otad_set_status(struct otad *otad, const char *format, ...) {
         sd_notifyf(false, "STATUS=%s", status);
 }
 
+/* The update's part of the STATUS= line, as the OTA handler tells it. */
+static void on_update_status(const char *job_id, const char *stage, int percent, void *userdata) {
+        struct otad *otad = userdata;
+
+        if (!job_id)
+                otad_set_status(otad, "idle, waiting for jobs");
+        else if (percent >= 0)
+                otad_set_status(otad, "job %s: %s, %d%%", job_id, stage, percent);
+        else
+                otad_set_status(otad, "job %s: %s", job_id, stage);
+}
+
 static int on_terminate(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
         struct otad *otad = userdata;
 
@@ -103,7 +115,7 @@ int otad_new(struct otad_config *config, struct otad **ret) {
         if (r >= 0)
                 r = jobs_new(otad, &otad->jobs);
         if (r >= 0)
-                r = ota_new(otad, &otad->ota);
+                r = ota_new(otad, on_update_status, otad, &otad->ota);
         if (r >= 0)
                 r = custom_jobs_new(otad, &otad->custom);
         if (r < 0)

@@ -14,7 +14,7 @@
 #include "macro.h"
 #include "slot.h"
 #include "status.h"
-#include "update_state.h"
+#include "state.h"
 
 #define SLOT_VERSION_MAX 128
 
@@ -34,11 +34,11 @@ int status_record_slot_version(const struct otad_config *config, const char *boo
         return write_file_atomic(path, version, strlen(version), 0600);
 }
 
-static cJSON *state_to_json(const struct update_state *s) {
+static cJSON *state_to_json(const struct state_record *s) {
         cJSON *o = cJSON_CreateObject();
 
         cJSON_AddStringToObject(o, "job_id", s->job_id);
-        cJSON_AddStringToObject(o, "stage", update_stage_to_string(s->stage));
+        cJSON_AddStringToObject(o, "stage", stage_to_string(s->stage));
         cJSON_AddNumberToObject(o, "percent", s->total ? (double) (s->done * 100 / s->total) : 0);
         cJSON_AddNumberToObject(o, "bytes_done", (double) s->done);
         cJSON_AddNumberToObject(o, "bytes_total", (double) s->total);
@@ -65,7 +65,7 @@ static cJSON *gather(const struct otad_config *config) {
         cJSON *root = cJSON_CreateObject(), *slots = cJSON_AddArrayToObject(root, "slots");
         struct bootloader *b = NULL;
         _cleanup_free_ char *primary = NULL;
-        struct update_state s;
+        struct state_record s;
 
         if (config->bootloader.type != BOOTLOADER_NONE && bootloader_new(config, &b) >= 0)
                 bootloader_get_primary(b, &primary);
@@ -96,11 +96,11 @@ static cJSON *gather(const struct otad_config *config) {
                 cJSON_AddItemToArray(slots, o);
         }
         bootloader_free(b);
-        if (update_state_load(config->state.directory, UPDATE_STATE_FILE, &s) >= 0)
+        if (state_load(config->state.directory, STATE_CURRENT_FILE, &s) >= 0)
                 cJSON_AddItemToObject(root, "job", state_to_json(&s));
         else
                 cJSON_AddNullToObject(root, "job");
-        if (update_state_load(config->state.directory, UPDATE_LAST_FILE, &s) >= 0)
+        if (state_load(config->state.directory, STATE_LAST_FILE, &s) >= 0)
                 cJSON_AddItemToObject(root, "last", state_to_json(&s));
         else
                 cJSON_AddNullToObject(root, "last");

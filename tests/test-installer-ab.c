@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /* Unit tests of the A/B installer. On file-backed slots: only the inactive
  * slot is written, at the right offsets, read-back equals the image, too
- * small / unknown-booted / same-device slots are refused, activate selects
- * the slot in the grubenv. As root, also on a real loop device with a GPT
+ * small / unknown-booted / same-device slots are refused, activate asks for
+ * a reboot without touching the bootloader (the lifecycle switches it,
+ * after recording that it will). As root, also on a real loop device with a GPT
  * (sfdisk + partx -a, since this kernel reads no partition tables): an
  * exclusively held or mounted slot is refused, the booted slot is found
  * through the mount table. Every loop device and mount is undone at exit,
@@ -107,8 +108,8 @@ static void test_file_slots(void) {
         tap_is_str(a_after, a_before, "the booted slot A is untouched");
         tap_is_int(in->ops->activate(in), 1, "activate returns 1: reboot needed");
         grubenv_read(grubenv, &env);
-        tap_is_str(grubenv_get(&env, "ORDER"), "B A", "grubenv ORDER=B A");
-        tap_is_str(grubenv_get(&env, "B_TRY"), "0", "grubenv B_TRY=0");
+        tap_ok(grubenv_get(&env, "ORDER") == NULL || strcmp(grubenv_get(&env, "ORDER"), "B A") != 0,
+               "the grubenv does not boot B: switching is not the installer's");
         grubenv_done(&env);
         installer_free(in);
         in = NULL;

@@ -1,10 +1,11 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * The A/B backend: the image is written, block by block as it arrives, into
- * the slot of [target.NAME] slot_class that is not booted; activation asks
- * the bootloader to boot it once. Refuses, before writing a byte, a slot that
- * is booted, mounted, shares its device with the booted slot, or is smaller
- * than the image; block devices are opened O_EXCL, so the kernel refuses
+ * the slot of [target.NAME] slot_class that is not booted; activation syncs
+ * and closes it and says a reboot is due (switching the bootloader is the
+ * lifecycle's, after it recorded the intent). Refuses, before writing a
+ * byte, a slot that is booted, mounted, shares its device with the booted
+ * slot, or is smaller than the image; block devices are opened O_EXCL, so the kernel refuses
  * them while anything else holds them (a mount, another writer).
  *
  * Read-back for verification: finish() syncs the slot and then drops its
@@ -26,7 +27,6 @@
 #include <unistd.h>
 
 #include "backends.h"
-#include "bootloader.h"
 #include "config.h"
 #include "fileio.h"
 #include "log.h"
@@ -177,9 +177,10 @@ static int ab_read(struct installer *in, uint64_t offset, void *buf, size_t len)
         return pread_all(d->fd, buf, len, offset);
 }
 
+/* The image is verified: synced and closed, it waits for the lifecycle to
+ * switch the bootloader (after it recorded that intent). */
 static int ab_activate(struct installer *in) {
         struct ab_installer *d = ab_data(in);
-        struct bootloader *b = NULL;
         int r;
 
         if (!d || !in->slot)
@@ -190,19 +191,8 @@ static int ab_activate(struct installer *in) {
         r = ab_sync(in);
         if (r < 0)
                 return r;
-        r = bootloader_new(in->otad->config, &b);
-        if (r < 0)
-                return installer_fail(in, r, "no bootloader configured to boot slot %s", in->slot->bootname);
-        r = bootloader_set_try_once(b, in->slot->bootname);
-        bootloader_free(b);
-        if (r < 0)
-                return installer_fail(in, r, "bootloader refused to select slot %s: %m", in->slot->bootname);
         close(d->fd);
         d->fd = -1;
-        log_full(LOG_NOTICE, 0,
-                 &(const struct log_fields){ .message_id = OTAD_MID_SLOT_ACTIVATED, .job_id = in->job_id,
-                                             .stage = "activate", .slot = in->slot->bootname },
-                 "[target.%s]: slot %s boots once on the next boot", in->target->name, in->slot->bootname);
         return 1;
 }
 
