@@ -38,6 +38,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "macro.h"
+
 struct otad_config;
 struct bootloader;
 
@@ -47,13 +49,13 @@ struct bootloader_ops {
         int (*get_primary)(struct bootloader *b, char **ret_bootname);
         /* Boot bootname on the next boot, once; unless it is marked good
          * while running, the boot after that goes back to the other slot. */
-        int (*set_try_once)(struct bootloader *b, const char *bootname);
+        int (*set_try_once)(struct bootloader *b, const char *bootname) _warn_unused_result_;
         /* bootname stays primary for good. */
-        int (*mark_good)(struct bootloader *b, const char *bootname);
+        int (*mark_good)(struct bootloader *b, const char *bootname) _warn_unused_result_;
         /* bootname is never booted again until set_try_once() names it; the
          * other slot becomes primary. Refused (-ENOENT) when no other slot
          * is bootable: the bootloader would have nothing to boot. */
-        int (*mark_bad)(struct bootloader *b, const char *bootname);
+        int (*mark_bad)(struct bootloader *b, const char *bootname) _warn_unused_result_;
         /* ret_good: the bootloader would boot bootname (it is not marked bad
          * and has a try left). */
         int (*get_state)(struct bootloader *b, const char *bootname, bool *ret_good);
@@ -73,15 +75,15 @@ struct bootloader {
 /* Creates the backend named by [bootloader] type. -EOPNOTSUPP (logged) for
  * type none: nothing can switch slots then. Nothing is read until the first
  * call. */
-int bootloader_new(const struct otad_config *config, struct bootloader **ret);
+int bootloader_new(const struct otad_config *config, struct bootloader **ret) _warn_unused_result_;
 void bootloader_free(struct bootloader *b);
 
 /* Short forms of b->ops->X(b, ...). Each logs what it changed at info level;
  * backends log the cause of a failure. */
 int bootloader_get_primary(struct bootloader *b, char **ret_bootname);
-int bootloader_set_try_once(struct bootloader *b, const char *bootname);
-int bootloader_mark_good(struct bootloader *b, const char *bootname);
-int bootloader_mark_bad(struct bootloader *b, const char *bootname);
+int bootloader_set_try_once(struct bootloader *b, const char *bootname) _warn_unused_result_;
+int bootloader_mark_good(struct bootloader *b, const char *bootname) _warn_unused_result_;
+int bootloader_mark_bad(struct bootloader *b, const char *bootname) _warn_unused_result_;
 int bootloader_get_state(struct bootloader *b, const char *bootname, bool *ret_good);
 
 /* For backends: the factory slot, the first configured bootname (A in the

@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "macro.h"
+
 /* Writes all len bytes to fd, retrying on EINTR and short writes. */
 int write_all(int fd, const void *buf, size_t len);
 /* pwrite()/pread() of exactly len bytes at offset. pread_all returns -EIO
@@ -21,13 +23,13 @@ int pread_all(int fd, void *buf, size_t len, uint64_t offset);
 /* Replaces path atomically with data: path.tmp is created (mode), written,
  * fsynced and renamed over path, then the directory is fsynced. After a
  * crash, path holds either the old or the new contents, never a mix. */
-int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode);
+int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode) _warn_unused_result_;
 /* The same replace without fsync: readers see the old or the new contents,
  * never a mix, and the new ones survive the writer being killed (they are
  * in the page cache); after a power cut path may hold the old contents, or
  * on some file systems an empty or partial file. For records whose reader
  * can tell (a checksum) and that a durable copy backs up. */
-int write_file_replace(const char *path, const void *data, size_t len, mode_t mode);
+int write_file_replace(const char *path, const void *data, size_t len, mode_t mode) _warn_unused_result_;
 
 /* Reads a whole regular file of at most max_size bytes into a new buffer,
  * NUL-terminated (not counted in *ret_size). -EFBIG when larger, -ENOENT

@@ -18,6 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "macro.h"
 #include "otad.h"
 
 struct config_target;
@@ -34,23 +35,23 @@ struct installer_ops {
         const char *name;
         /* Prepares to receive size bytes. resume: keep what an earlier run of
          * this job wrote (the download state says which blocks are there). */
-        int (*begin)(struct installer *in, uint64_t size, bool resume);
-        int (*write)(struct installer *in, uint64_t offset, const void *buf, size_t len);
+        int (*begin)(struct installer *in, uint64_t size, bool resume) _warn_unused_result_;
+        int (*write)(struct installer *in, uint64_t offset, const void *buf, size_t len) _warn_unused_result_;
         /* Makes everything written so far durable (fdatasync). The download
          * calls this before it persists the block map that counts those
          * blocks. */
-        int (*sync)(struct installer *in);
+        int (*sync)(struct installer *in) _warn_unused_result_;
         /* All bytes written and synced; no more writes. */
-        int (*finish)(struct installer *in);
+        int (*finish)(struct installer *in) _warn_unused_result_;
         /* Reads back bytes [offset, offset+len) exactly as the target holds them. */
-        int (*read)(struct installer *in, uint64_t offset, void *buf, size_t len);
+        int (*read)(struct installer *in, uint64_t offset, void *buf, size_t len) _warn_unused_result_;
         /* The image is verified: make it take effect. Returns 1 when a
          * reboot into in->slot is needed for that (A/B: the caller switches
          * the bootloader), 0 when done (file), or
          * -EINPROGRESS when it goes on in the event loop (command): then
          * in->activate_done is called with the result later, and it must
          * have been set (installer_set_activate_done) before. */
-        int (*activate)(struct installer *in);
+        int (*activate)(struct installer *in) _warn_unused_result_;
         /* Gives up the job: removes the partial file or staged image. */
         void (*abort)(struct installer *in);
         void (*free)(struct installer *in);
@@ -75,7 +76,7 @@ struct installer {
 
 /* Creates the backend for target. Nothing is opened until begin(). */
 int installer_new(struct otad *otad, const struct config_target *target, const char *job_id,
-                  struct installer **ret);
+                  struct installer **ret) _warn_unused_result_;
 /* Closes what begin() opened and frees in. Keeps what an unfinished job
  * wrote (a partial file, a staged image) so that a restarted otad can
  * resume it; abort() is what removes it. A running activation is stopped:

@@ -140,11 +140,11 @@ static void run_report(struct run *r, int wait_status, bool timed_out) {
         if (custom_jobs_sanitize_output(output, output_len, out, sizeof(out), DETAIL_CHARS) > 0)
                 d[1] = (struct status_detail){ "stdout", out };
 
-        log_job(status == JOB_SUCCEEDED ? LOG_INFO : LOG_WARNING, r->job_id, HANDLER_NAME,
+        log_job(status == JOB_SUCCEEDED ? LOG_INFO : LOG_WARNING, r->job_id, NULL,
                 "Job %s: handler %s finished: %s", r->job_id, r->operation, reason);
         ret = jobs_update(cj->otad->jobs, r->job_id, status, d, 0, NULL, NULL);
         if (ret < 0)
-                log_job_errno(LOG_ERR, ret, r->job_id, HANDLER_NAME, "Job %s: failed to report %s: %m", r->job_id,
+                log_job_errno(LOG_ERR, ret, r->job_id, NULL, "Job %s: failed to report %s: %m", r->job_id,
                               job_status_to_string(status));
 }
 
@@ -154,7 +154,7 @@ static void on_handler_exit(struct child *c, int wait_status, bool timed_out, vo
         if (!r->cancelled)
                 run_report(r, wait_status, timed_out);
         else
-                log_job(LOG_INFO, r->job_id, HANDLER_NAME, "Job %s: cancelled handler %s is gone", r->job_id,
+                log_job(LOG_INFO, r->job_id, NULL, "Job %s: cancelled handler %s is gone", r->job_id,
                         r->operation);
         run_remove(r);
 }
@@ -205,7 +205,6 @@ static int run_spawn(struct custom_jobs *cj, struct run *r, const char *path, co
                           &(const struct child_options){
                                   .name = r->operation,
                                   .job_id = r->job_id,
-                                  .stage = HANDLER_NAME,
                                   .envp = envp,
                                   .input = document,
                                   .input_size = strlen(document),
@@ -286,7 +285,7 @@ static int custom_start(const struct job *job, char *reason, size_t reason_size,
         d[0] = (struct status_detail){ "operation", r->operation };
         ret = jobs_update(cj->otad->jobs, r->job_id, JOB_IN_PROGRESS, d, 0, NULL, NULL);
         if (ret < 0)
-                log_job_errno(LOG_WARNING, ret, r->job_id, HANDLER_NAME,
+                log_job_errno(LOG_WARNING, ret, r->job_id, NULL,
                               "Job %s: failed to report IN_PROGRESS: %m, continuing", r->job_id);
 
         ret = run_spawn(cj, r, path, document);
@@ -298,7 +297,7 @@ static int custom_start(const struct job *job, char *reason, size_t reason_size,
         }
         r->next = cj->runs;
         cj->runs = r;
-        log_job(LOG_INFO, r->job_id, HANDLER_NAME, "Job %s: started %s as process %d", r->job_id, path,
+        log_job(LOG_INFO, r->job_id, NULL, "Job %s: started %s as process %d", r->job_id, path,
                 (int) child_pid(r->child));
         return 0;
 }
@@ -317,7 +316,7 @@ static void custom_cancel(const struct job *job, void *userdata) {
         if (!r)
                 return;
         r->cancelled = true;
-        log_job(LOG_NOTICE, r->job_id, HANDLER_NAME, "Job %s: stopping handler %s (process group %d)", r->job_id,
+        log_job(LOG_NOTICE, r->job_id, NULL, "Job %s: stopping handler %s (process group %d)", r->job_id,
                 r->operation, (int) child_pid(r->child));
         child_terminate(r->child);
 }
@@ -353,7 +352,7 @@ void custom_jobs_free(struct custom_jobs *cj) {
                 struct run *r = cj->runs;
 
                 cj->runs = r->next;
-                log_job(LOG_NOTICE, r->job_id, HANDLER_NAME, "Job %s: otad is stopping, killing handler %s", r->job_id,
+                log_job(LOG_NOTICE, r->job_id, NULL, "Job %s: otad is stopping, killing handler %s", r->job_id,
                         r->operation);
                 run_free(r);
         }

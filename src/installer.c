@@ -76,7 +76,7 @@ int installer_fail(struct installer *in, int error, const char *format, ...) {
                 free(in->reason);
                 in->reason = reason;
         }
-        log_full(LOG_ERR, 0, &(const struct log_fields){ .job_id = in->job_id, .stage = "install" },
+        log_full(LOG_ERR, 0, &(const struct log_fields){ .job_id = in->job_id },
                  "[target.%s]: %s", in->target->name, reason ? reason : format);
         return error < 0 ? error : -error;
 }
@@ -87,7 +87,7 @@ void installer_remove_private_file(const struct installer *in, const char *dir, 
         if (installer_private_name(in, suffix, &name) < 0 || asprintf(&path, "%s/%s", dir, name) < 0)
                 return;
         if (unlink(path) >= 0)
-                log_job(LOG_DEBUG, in->job_id, "install", "[target.%s]: removed %s", in->target->name, path);
+                log_job(LOG_DEBUG, in->job_id, NULL, "[target.%s]: removed %s", in->target->name, path);
 }
 
 int installer_private_name(const struct installer *in, const char *suffix, char **ret) {

@@ -257,7 +257,7 @@ static void job_log(int level, const char *job_id, const char *format, ...) {
         va_list ap;
 
         va_start(ap, format);
-        log_fullv(level, 0, &(const struct log_fields){ .job_id = job_id, .stage = "jobs" }, format, ap);
+        log_fullv(level, 0, &(const struct log_fields){ .job_id = job_id }, format, ap);
         va_end(ap);
 }
 
@@ -497,7 +497,7 @@ int jobs_update(struct jobs *jobs, const char *job_id, enum job_status status, c
 
                 finished_add(jobs, c->job.id, c->job.execution_number);
                 log_milestone(status == JOB_SUCCEEDED ? LOG_INFO : LOG_WARNING, OTAD_MID_JOB_FINISHED, c->job.id,
-                              "jobs", "Job %s finished: %s", c->job.id, job_status_to_string(status));
+                              NULL, "Job %s finished: %s", c->job.id, job_status_to_string(status));
                 current_free(c);
                 otad_set_status(jobs->otad, "job %s %s", job_id, job_status_to_string(status));
         }
@@ -635,7 +635,7 @@ static void job_start(struct jobs *jobs, cJSON *execution, const char *job_id, e
         char reason[256] = "";
         int r;
 
-        log_milestone(LOG_INFO, OTAD_MID_JOB_RECEIVED, job_id, "jobs", "Job %s received (%s, execution %" PRId64 ")",
+        log_milestone(LOG_INFO, OTAD_MID_JOB_RECEIVED, job_id, NULL, "Job %s received (%s, execution %" PRId64 ")",
                       job_id, job_status_to_string(status), execution_number);
 
         r = execution_document(execution, &error);

@@ -245,10 +245,19 @@ static void mark_booted_good(struct lifecycle *lc) {
 
         if (!lc->bootloader)
                 return;
-        for (size_t i = 0; i < config->n_targets; i++)
-                if (config->targets[i].type == TARGET_AB &&
-                    slot_booted(config, config->targets[i].slot_class, NULL, &booted) >= 0)
-                        (void) bootloader_mark_good(lc->bootloader, booted->bootname);
+        for (size_t i = 0; i < config->n_targets; i++) {
+                int r;
+
+                if (config->targets[i].type != TARGET_AB ||
+                    slot_booted(config, config->targets[i].slot_class, NULL, &booted) < 0)
+                        continue;
+                r = bootloader_mark_good(lc->bootloader, booted->bootname);
+                if (r < 0)
+                        /* Nothing to undo: the next start tries again, and
+                         * until then the bootloader may count a try. */
+                        log_warning_errno(r, "Failed to mark the booted slot %s good: %m, ignoring",
+                                          booted->bootname);
+        }
 }
 
 /* `otad status` shows each slot's version as of its last boot. */
@@ -1380,7 +1389,7 @@ void lifecycle_reported(struct lifecycle *lc, int result) {
         if (!lc->have_record || !stage_is_terminal(lc->rec.stage))
                 return;
         if (result < 0)
-                log_job_errno(LOG_WARNING, result, lc->rec.job_id, "report",
+                log_job_errno(LOG_WARNING, result, lc->rec.job_id, stage_name(lc->rec.stage),
                               "The service did not take the final status: %m");
         lc->rec.reported = result >= 0;
         if (lc->rec.stage == STAGE_ROLLBACK && lc->back_to_old_slot && !lc->reboot) {

@@ -226,7 +226,7 @@ static void test_persistence(const char *dir) {
         loaded = NULL;
 
         /* A stale tmp from a crash mid-save does not matter. */
-        write_file_atomic(tmp, "garbage", 7, 0600);
+        tap_is_int(write_file_atomic(tmp, "garbage", 7, 0600), 0, "a stale .tmp left by a crash");
         tap_is_int(blockmap_load(path, &file, BOOT, &loaded, NULL), 0, "stale .tmp ignored");
         blockmap_free(loaded);
         loaded = NULL;
@@ -263,8 +263,8 @@ static void test_persistence(const char *dir) {
         bad = 0;
         for (size_t k = 0; k < size; k++) {
                 raw[k] ^= 0x20;
-                write_file_atomic(path, raw, size, 0600);
-                if (blockmap_load(path, &file, BOOT, &loaded, NULL) != -EBADMSG)
+                if (write_file_atomic(path, raw, size, 0600) < 0 ||
+                    blockmap_load(path, &file, BOOT, &loaded, NULL) != -EBADMSG)
                         bad++;
                 raw[k] ^= 0x20;
         }

@@ -196,8 +196,7 @@ int main(void) {
         res = (struct result){ 0 };
         tap_is_int(installer_new(&o, &c->targets[1], "job-missing", &in), 0, "installer_new for a missing program");
         installer_set_activate_done(in, on_done, &res);
-        in->ops->begin(in, 1, false);
-        in->ops->write(in, 0, "x", 1);
+        tap_ok(in->ops->begin(in, 1, false) == 0 && in->ops->write(in, 0, "x", 1) == 0, "one byte staged");
         tap_ok(in->ops->activate(in) == -ENOENT && !res.done, "a missing program: -ENOENT at once, no completion");
         installer_free(in);
         in = NULL;
@@ -207,8 +206,7 @@ int main(void) {
         res = (struct result){ 0 };
         tap_is_int(installer_new(&o, &c->targets[2], "job-hang", &in), 0, "installer_new for a hanging command");
         installer_set_activate_done(in, on_done, &res);
-        in->ops->begin(in, 1, false);
-        in->ops->write(in, 0, "x", 1);
+        tap_ok(in->ops->begin(in, 1, false) == 0 && in->ops->write(in, 0, "x", 1) == 0, "one byte staged");
         tap_is_int(in->ops->activate(in), -EINPROGRESS, "activate a program that hangs, timeout = 1");
         run_until_done(e, &res);
         tap_ok(res.done && res.r < 0, "it fails (r=%d)", res.r);
@@ -243,8 +241,7 @@ int main(void) {
         res = (struct result){ 0 };
         tap_is_int(installer_new(&o, &c->targets[1], "job-chatty", &in), 0, "installer_new for a chatty command");
         installer_set_activate_done(in, on_done, &res);
-        in->ops->begin(in, 1, false);
-        in->ops->write(in, 0, "x", 1);
+        tap_ok(in->ops->begin(in, 1, false) == 0 && in->ops->write(in, 0, "x", 1) == 0, "one byte staged");
         tap_is_int(in->ops->activate(in), -EINPROGRESS, "activate a program writing 100 kB to stdout (a pipe holds 64 KiB)");
         (void) usleep(1000 * 1000); /* the loop is not running: the pipe fills up */
         run_until_done(e, &res);
@@ -265,8 +262,7 @@ int main(void) {
         res = (struct result){ 0 };
         tap_is_int(installer_new(&o, &c->targets[1], "job-long", &in), 0, "installer_new for a long command");
         installer_set_activate_done(in, on_done, &res);
-        in->ops->begin(in, 1, false);
-        in->ops->write(in, 0, "x", 1);
+        tap_ok(in->ops->begin(in, 1, false) == 0 && in->ops->write(in, 0, "x", 1) == 0, "one byte staged");
         tap_is_int(in->ops->activate(in), -EINPROGRESS, "activate sleep 30");
         (void) sd_event_run(e, 50 * 1000);
         {

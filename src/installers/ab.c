@@ -120,7 +120,7 @@ static int ab_begin(struct installer *in, uint64_t size, bool resume) {
         d->capacity = capacity;
         in->data = d;
         in->slot = slot;
-        log_full(LOG_INFO, 0, &(const struct log_fields){ .job_id = in->job_id, .stage = "install", .slot = slot->bootname },
+        log_full(LOG_INFO, 0, &(const struct log_fields){ .job_id = in->job_id, .slot = slot->bootname },
                  "[target.%s]: writing %llu bytes into slot %s (%s)%s; booted is %s", in->target->name,
                  (unsigned long long) size, slot->bootname ? slot->bootname : slot->name, slot->device,
                  resume ? ", resuming" : "", booted->bootname ? booted->bootname : booted->name);

@@ -121,7 +121,7 @@ static int file_begin(struct installer *in, uint64_t size, bool resume) {
         r = partial_file_open(&d->partial, dir, name, size, resume, 0755);
         if (r < 0)
                 return installer_fail(in, r, "cannot create %s/%s: %m", dir, name);
-        log_job(LOG_DEBUG, in->job_id, "install", "[target.%s]: writing %s (%llu bytes%s)", in->target->name,
+        log_job(LOG_DEBUG, in->job_id, NULL, "[target.%s]: writing %s (%llu bytes%s)", in->target->name,
                 d->partial.path, (unsigned long long) size, resume ? ", resuming" : "");
         return 0;
 }

@@ -8,8 +8,11 @@ fw_printenv, `otad status --json`."""
 
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
+import threading
 import time
 import unittest
 
@@ -117,6 +120,55 @@ class ABCase(unittest.TestCase):
                 if u["outcome"] == "accepted"]
 
 
+def documented_stages():
+    """The OTAD_STAGE= values otad(8) lists under Stages: its .TP tags."""
+    text = open(os.path.join(os.environ.get("OTAD_SOURCE_ROOT", "."), "man", "otad.8")).read()
+    lines = text.split(".SS Stages", 1)[1].split("\n.PP", 1)[0].splitlines()
+    stages = set()
+    for tp, tag in zip(lines, lines[1:]):
+        if tp == ".TP":
+            words = re.sub(r"^\.BR? ", "", tag).replace('", "', " ")
+            stages |= {w.replace("\\-", "-") for w in re.findall(r"[a-z][a-z\\-]*", words)}
+    return stages
+
+
+class JournalSink:
+    """Stands in for journald: a datagram socket bind-mounted over
+    /run/systemd/journal in otad's private mount namespace, drained by a
+    thread; each entry becomes a dict of its fields."""
+
+    def __init__(self, workdir):
+        self.dir = os.path.join(workdir, "journal")
+        os.makedirs(self.dir)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(os.path.join(self.dir, "socket"))
+        self.sock.settimeout(0.2)
+        self.entries = []
+        self.stopped = False
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self):
+        while not self.stopped:
+            try:
+                data = self.sock.recv(1 << 20).decode(errors="replace")
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.entries.append(dict(line.split("=", 1) for line in data.splitlines() if "=" in line))
+
+    def close(self):
+        self.stopped = True
+        self.thread.join()
+        self.sock.close()
+
+    def argv(self, config):
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                "mkdir -p /run/systemd/journal && mount --bind %s /run/systemd/journal && exec %s -c %s"
+                % (self.dir, OTAD, config)]
+
+
 class GrubUpdate(ABCase):
     def test_update_commits_after_reboot(self):
         job = "AFR_OTA-commit"
@@ -217,6 +269,55 @@ class GrubUpdate(ABCase):
         self.assertIn("fell back", final["detail"])
         self.assertEqual(grubenv(self.env)["B_OK"], "0")
         self.assertEqual(self.reboot_count(), 1, "no further reboot: A is running")
+
+    @unittest.skipUnless(os.geteuid() == 0 and shutil.which("unshare"), "needs root and unshare for a private mount namespace")
+    def test_journal_of_an_update(self):
+        """What `journalctl -u otad OTAD_JOB_ID=...` shows of an update
+        through a reboot: its milestones, exactly one "job finished", and
+        only the stage names otad(8) documents in OTAD_STAGE=."""
+        job = "AFR_OTA-journal"
+        sink = JournalSink(self.dir)
+        self.addCleanup(sink.close)
+        self.sections["log"] = {"level": "info"}
+
+        def start(booted, version):
+            self.sections["update"].update(booted_slot=booted, version=version)
+            conf = self.stack.write_otad_config(THING, self.sections)
+            name = "otad-journal-%s" % booted
+            log = os.path.join(self.dir, name + ".log")
+            open(log, "ab").close()
+            st = os.stat(log)
+            return self.stack.start_process(sink.argv(conf), name,
+                                            {"JOURNAL_STREAM": "%d:%d" % (st.st_dev, st.st_ino)})
+
+        self.queue(job)
+        otad = start("A", "1.0.0")
+        self.assertTrue(wait_for(lambda: self.reboot_count() == 1, 60), otad.log()[-3000:])
+        otad.stop()
+        self.assertEqual(run(["grub-editenv", self.env, "set", "B_TRY=1"]).returncode, 0)
+        otad = start("B", "2.0.0")
+        self.assertEqual(self.svc.wait_terminal(THING, job, timeout=60), "SUCCEEDED")
+        wait_for(lambda: self.status()["job"] is None, timeout=10)
+        otad.stop()
+        time.sleep(0.5)
+        mine = [e for e in sink.entries if e.get("OTAD_JOB_ID") == job]
+        ids = [e.get("MESSAGE_ID") for e in mine]
+        finished = ids.count("25592f82f6de4a9489e30dafdce2c443")
+        self.assertEqual(finished, 1, "one 'job finished' per job: %s" % [e["MESSAGE"] for e in mine
+                                                                      if e.get("MESSAGE_ID") == "25592f82f6de4a9489e30dafdce2c443"])
+        for mid, what in (("c973a4eace2041d59c753beb6330b8c8", "job received"),
+                          ("f61209aebc964f75bc360e5f493777b0", "update started"),
+                          ("01b0ee85354f44c7ae5d6756e76c9a5f", "image verified"),
+                          ("2df47ef3a6af4767baae96d5bb0bb256", "slot activated"),
+                          ("776cc40014444347b20e42b23f576cb2", "committed")):
+            self.assertIn(mid, ids, "milestone %s in the journal" % what)
+        stages = {e["OTAD_STAGE"] for e in sink.entries if "OTAD_STAGE" in e}
+        documented = {"download", "verify", "activate", "reboot", "self-test", "commit", "rollback", "fail"}
+        self.assertEqual(documented_stages(), documented, "otad(8) lists the lifecycle's stages")
+        self.assertLessEqual(stages, documented, "OTAD_STAGE= values otad(8) does not list")
+        self.assertIn("commit", stages)
+        self.assertEqual(open(os.path.join(self.dir, "otad-journal-B.log")).read(), "",
+                         "nothing on stderr when it is the journal stream")
 
     def test_same_version_is_refused(self):
         job = "AFR_OTA-same"
