@@ -171,6 +171,11 @@ struct delta_copy_options {
  * the target before it counts the copies as durable. */
 int delta_copy(struct delta_plan *p, const struct delta_copy_options *o);
 
+/* Marks the chunk as in the target at its own offset because the caller
+ * knows it is (an earlier run of this install wrote it and synced it, or
+ * this run fetched it). -ERANGE for an index outside the plan. */
+int delta_plan_set_in_place(struct delta_plan *p, uint32_t index);
+
 uint32_t delta_plan_chunk_count(const struct delta_plan *p);
 int delta_plan_chunk(const struct delta_plan *p, uint32_t index, struct delta_chunk *ret);
 /* The chunk whose compressed bytes start at payload_offset; -ENOENT if none. */

@@ -507,6 +507,36 @@ int delta_copy(struct delta_plan *p, const struct delta_copy_options *o) {
         return r;
 }
 
+int delta_plan_set_in_place(struct delta_plan *p, uint32_t index) {
+        struct entry *e;
+
+        if (!p || index >= p->n)
+                return -ERANGE;
+        e = &p->entries[index];
+        if (e->action == DELTA_IN_PLACE)
+                return 0;
+        /* What recount() would do for this one entry: marking a whole
+         * record's worth of chunks stays linear. */
+        if (e->action == DELTA_COPY || e->action == DELTA_COPIED) {
+                p->stats.active_chunks--;
+                p->stats.active_bytes -= e->image_size;
+                if (e->source_offset == e->image_offset)
+                        p->stats.active_same_offset_chunks--;
+                if (e->offset_lookup)
+                        p->stats.active_offset_lookup_chunks--;
+        } else {
+                p->stats.fetch_chunks--;
+                p->stats.fetch_image_bytes -= e->image_size;
+                p->stats.fetch_payload_bytes -= e->payload_size;
+        }
+        p->stats.in_place_chunks++;
+        p->stats.in_place_bytes += e->image_size;
+        e->action = DELTA_IN_PLACE;
+        e->reason = DELTA_REASON_NONE;
+        e->offset_lookup = false;
+        return 0;
+}
+
 uint32_t delta_plan_chunk_count(const struct delta_plan *p) {
         return p->n;
 }
