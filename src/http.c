@@ -1112,8 +1112,13 @@ static size_t curl_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata
         uint64_t before = d->done;
         int r;
 
-        if (d->body == BODY_UNCHECKED && check_response(d) == 0)
+        if (d->body == BODY_UNCHECKED && check_response(d) == 0) {
+                /* Refused (e.g. a 200 to a request for several ranges):
+                 * what curl read of it still came over the wire. */
+                if (d->ranges)
+                        d->stats.bytes_received += len;
                 return 0;
+        }
         if (d->body == BODY_SWALLOW) {
                 d->error_body += len;
                 return d->error_body > ERROR_BODY_MAX ? 0 : len;
