@@ -753,6 +753,12 @@ static void request_done(struct http_download *d, CURLcode res) {
                 finish_errno(d, r, "failed to save download progress to %s: %m", d->state_path);
                 return;
         }
+        if (d->ranges && d->offset == d->size) {
+                /* Every wanted byte is written and synced, however the
+                 * response ended (we may have stopped reading it). */
+                finish(d, 0, "complete");
+                return;
+        }
         if (d->retry_at_once) {
                 /* Not a failure: the server showed what it serves. */
                 r = schedule_attempt(d, 0);
@@ -1151,6 +1157,13 @@ static size_t curl_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata
                         return abort_body(d, r, "failed to write %zu bytes at offset %" PRIu64 " to the target: %m",
                                           len, d->body_pos);
                 d->body_pos += len;
+                /* Every wanted byte is in, the rest of a whole object (a
+                 * server that ignores Range) is not needed: stop reading. */
+                if (d->ranges && d->offset == d->size && d->body_pos < d->body_end) {
+                        if (d->ops->progress)
+                                d->ops->progress(d->done, d->wanted_total, d->userdata);
+                        return 0;
+                }
         }
         d->stats.offset = d->offset;
         if (d->done != before && d->ops->progress)

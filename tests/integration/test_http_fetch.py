@@ -806,6 +806,7 @@ class HttpFetchTest(unittest.TestCase):
                                                            ("bytes=1000-5999", 200)])
         self.assertEqual(int(r["multi_range_fallbacks"]), 1)
         self.assertEqual(int(r["requests"]), 2)
+        self.assertLess(int(r["bytes_received"]), len(data), "stopped reading once every wanted byte was in")
 
     def test_ranges_servers_that_answer_badly(self):
         data = os.urandom(2 * MIB + 99)
