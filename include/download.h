@@ -29,6 +29,23 @@
  * renamed but unsynced file, the record: the download starts over); a kill
  * loses at most what was in flight and since the last written record. The
  * signature check over the whole file stays the last word on every byte.
+ *
+ * Wanted ranges (an adaptive update fetches only the chunks of a bundle's
+ * payload the device does not have; include/ranges.h). Without them a
+ * transfer fetches and writes the whole file, exactly as before. With them:
+ *  - write() gets exactly the wanted bytes and never a byte outside them:
+ *    a stream block or an HTTP body that covers more (a block across a
+ *    range's edge, a gap fetched with its neighbours) is clipped. The
+ *    consumer of a delta is the payload decoder at payload offsets, and a
+ *    byte outside the ranges belongs to a chunk the device takes from its
+ *    active slot: it is not the consumer's to see, and clipping costs no copy.
+ *  - Each wanted byte is written once per run, in no guaranteed order (MQTT:
+ *    as blocks arrive; HTTPS: ascending). A later run writes again exactly
+ *    what the progress record did not count, with the same content.
+ *  - progress() counts wanted bytes (done/total) on both transports.
+ *  - The record is tied to the wanted set (a SHA-256 of it): a record for
+ *    another set, or for the whole file, is discarded rather than resumed.
+ *  - An empty set (wanted != NULL, n_wanted == 0) finishes at once with 0.
  */
 #pragma once
 
@@ -49,16 +66,24 @@ struct download_ops {
          * it did. */
         int (*sync)(void *userdata);
         /* Received/total in blocks (stream) or bytes (HTTP), on every new
-         * block or chunk; the owner rate-limits what it reports. */
+         * block or chunk; the owner rate-limits what it reports. With
+         * wanted ranges: wanted bytes written/wanted bytes, both transports. */
         void (*progress)(uint64_t done, uint64_t total, void *userdata);
         /* The URL stopped working (HTTP 400/403/404, e.g. an expired
          * presigned URL): the owner fetches the job again and calls
          * http_download_set_url(). NULL for streams. */
         void (*need_fresh_url)(void *userdata);
-        /* The transfer ended. result 0: every byte was written and synced.
+        /* The transfer ended. result 0: every byte (every wanted byte) was
+         * written and synced.
          * <0: it gave up; reason is a short text for the journal and
          * statusDetails. Called once; the owner may free the transfer in it. */
         void (*finished)(int result, const char *reason, void *userdata);
+};
+
+/* Bytes [offset, offset + length) of a file. */
+struct download_range {
+        uint64_t offset;
+        uint64_t length;
 };
 
 /* What identifies one file of one job; a progress record written for other
@@ -69,4 +94,9 @@ struct download_file {
         uint64_t size;         /* filesize */
         const char *signature; /* base64 text of sig-sha256-ecdsa, identity only */
         const char *state_path; /* where the transfer persists its progress */
+        /* The bytes to fetch: sorted by offset, none empty, none overlapping
+         * another, all within size (touching ones are fine). The transfer
+         * copies them. NULL: the whole file. */
+        const struct download_range *wanted;
+        size_t n_wanted;
 };

@@ -7,7 +7,13 @@
  * missing (recorded per request's worth of blocks, synced per MiB or second,
  * see download.h; a resumed run first takes the answers still coming to its
  * predecessor's requests). A block whose length contradicts filesize ends
- * the transfer at once (-EBADMSG): the stream and the job disagree. Never
+ * the transfer at once (-EBADMSG): the stream and the job disagree.
+ * With wanted ranges (download.h) it asks only for the blocks holding
+ * wanted bytes, up to a request's worth (128 KiB) of them per request
+ * however sparse (one bitmap spans up to 8192 blocks, "n" = blocks asked
+ * for), records only those blocks (a record names the set), writes only
+ * the wanted bytes of each, and picks the block size per job
+ * (ranges_stream_block_size(): the configured one is the largest). Never
  * decides where bytes go (ops->write) or what the result means
  * (ops->finished); never stops the daemon.
  *
@@ -33,6 +39,18 @@ struct stream_stats {
         uint64_t timeouts;         /* requests given up after request_timeout */
         uint64_t rejections;       /* messages on rejected/cbor */
         uint32_t block_size;       /* current; smaller after BlockSizeOutOfBounds */
+        uint64_t blocks_unwanted;  /* valid blocks without a wanted byte, dropped unwritten */
+        /* Bytes, for the journal, statusDetails and benchmarks. "Wanted"
+         * is the whole file without wanted ranges. */
+        uint64_t bytes_wanted;     /* wanted bytes of the file */
+        uint64_t bytes_resumed;    /* of them, counted by the progress record at the start */
+        uint64_t bytes_written;    /* of them, written in this run */
+        uint64_t bytes_fetched;    /* payloads of the new blocks of this run: the wanted bytes in
+                                    * them and the rest of the blocks at the ranges' edges */
+        uint64_t bytes_on_wire;    /* every data message as received, duplicates, dropped and
+                                    * unwanted ones and CBOR framing included (MQTT and TLS
+                                    * framing excluded: not seen here) */
+        uint64_t request_bytes;    /* GetStream requests as published */
 };
 
 /* Starts fetching file file_id of stream_name, described by file (copied).

@@ -8,6 +8,7 @@
 #include "download.h"
 #include "fileio.h"
 #include "macro.h"
+#include "ranges.h"
 
 struct blockmap {
         uint64_t file_size;
@@ -34,6 +35,31 @@ int blockmap_new(uint64_t file_size, uint32_t block_size, struct blockmap **ret)
         if (!m->bits) {
                 free(m);
                 return -ENOMEM;
+        }
+        *ret = m;
+        return 0;
+}
+
+int blockmap_new_covering(uint64_t file_size, uint32_t block_size, const struct download_range *ranges, size_t n,
+                          struct blockmap **ret) {
+        struct blockmap *m;
+        int r;
+
+        r = blockmap_new(file_size, block_size, &m);
+        if (r < 0)
+                return r;
+        for (size_t i = 0; i < n; i++) {
+                uint64_t first, last;
+
+                if (ranges[i].length == 0 || ranges[i].offset >= file_size ||
+                    ranges[i].length > file_size - ranges[i].offset) {
+                        blockmap_free(m);
+                        return -EINVAL;
+                }
+                first = ranges[i].offset / block_size;
+                last = (ranges[i].offset + ranges[i].length - 1) / block_size;
+                for (uint64_t b = first; b <= last; b++)
+                        blockmap_set(m, b);
         }
         *ret = m;
         return 0;
@@ -116,6 +142,55 @@ bool blockmap_complete(const struct blockmap *m) {
         return m->count == m->n_blocks;
 }
 
+static uint8_t wanted_byte(const struct blockmap *want, const struct blockmap *have, const struct blockmap *skip,
+                           size_t i) {
+        uint8_t b = want ? want->bits[i] : 0xff;
+
+        if (have)
+                b &= (uint8_t) ~have->bits[i];
+        if (skip)
+                b &= (uint8_t) ~skip->bits[i];
+        return b;
+}
+
+uint64_t blockmap_wanted_next(const struct blockmap *want, const struct blockmap *have, const struct blockmap *skip,
+                              uint64_t from) {
+        uint64_t n = have ? have->n_blocks : want->n_blocks;
+
+        for (uint64_t i = from; i < n;) {
+                uint8_t b = wanted_byte(want, have, skip, (size_t) (i >> 3)) >> (i & 7);
+
+                if (b == 0) {
+                        /* Nothing in the rest of this byte: the next one. */
+                        i = (i | 7) + 1;
+                        continue;
+                }
+                i += (uint64_t) __builtin_ctz(b);
+                return i < n ? i : n;
+        }
+        return n;
+}
+
+bool blockmap_is_subset(const struct blockmap *sub, const struct blockmap *m) {
+        if (sub->file_size != m->file_size || sub->block_size != m->block_size)
+                return false;
+        for (size_t i = 0; i < m->n_bytes; i++)
+                if (sub->bits[i] & ~m->bits[i])
+                        return false;
+        return true;
+}
+
+int blockmap_intersect(struct blockmap *m, const struct blockmap *with) {
+        if (m->file_size != with->file_size || m->block_size != with->block_size)
+                return -EINVAL;
+        m->count = 0;
+        for (size_t i = 0; i < m->n_bytes; i++) {
+                m->bits[i] &= with->bits[i];
+                m->count += (uint64_t) __builtin_popcount(m->bits[i]);
+        }
+        return 0;
+}
+
 uint64_t blockmap_missing_next(const struct blockmap *m, uint64_t from) {
         for (uint64_t i = from; i < m->n_blocks;) {
                 /* Whole bytes of received blocks are skipped at once. */
@@ -145,6 +220,26 @@ uint64_t blockmap_request_bitmap(const struct blockmap *m, const struct blockmap
                 buf[k >> 3] |= (uint8_t) (1u << (k & 7));
                 wanted++;
         }
+        return wanted;
+}
+
+uint64_t blockmap_request_sparse(const struct blockmap *want, const struct blockmap *have,
+                                 const struct blockmap *skip, uint64_t offset, uint32_t span, uint32_t max_blocks,
+                                 uint8_t *buf, uint32_t *ret_span) {
+        uint64_t wanted = 0, i = offset;
+        uint32_t used = 0;
+
+        memset(buf, 0, ((size_t) span + 7) / 8);
+        while (wanted < max_blocks) {
+                i = blockmap_wanted_next(want, have, skip, i);
+                if (i >= have->n_blocks || i - offset >= span)
+                        break;
+                buf[(i - offset) >> 3] |= (uint8_t) (1u << ((i - offset) & 7));
+                used = (uint32_t) (i - offset + 1);
+                wanted++;
+                i++;
+        }
+        *ret_span = used;
         return wanted;
 }
 
@@ -185,12 +280,16 @@ int blockmap_remap(const struct blockmap *m, uint32_t block_size, struct blockma
  *   32 bytes          SHA-256 of everything above
  * Version 1 ("OTADBMP1") had one map after the job id, no boot id: it was
  * written only after the data was synced, so it is read as the durable map.
+ * Version 3 ("OTADBMP3") is version 2 with, after the signature's hash, 32
+ * bytes of ranges_hash() of the wanted ranges: a record of only those
+ * ranges' blocks. A transfer of the whole file still writes version 2.
  * The block size is part of the header but not of the identity: a map saved
  * at another block size is still this file's progress.
  */
 
 #define MAGIC_V1 "OTADBMP1"
 #define MAGIC "OTADBMP2"
+#define MAGIC_RANGES "OTADBMP3"
 #define HASH_LEN SHA256_DIGEST_LENGTH
 #define BOOT_ID_LEN 16
 #define JOB_ID_MAX 1024
@@ -235,35 +334,37 @@ static void signature_hash(const struct download_file *file, uint8_t out[HASH_LE
                 SHA256((const uint8_t *) file->signature, strlen(file->signature), out);
 }
 
-static bool is_subset(const struct blockmap *sub, const struct blockmap *m) {
-        for (size_t i = 0; i < m->n_bytes; i++)
-                if (sub->bits[i] & ~m->bits[i])
-                        return false;
-        return true;
-}
-
 int blockmap_save(const struct blockmap *written, const struct blockmap *durable, sd_id128_t boot_id,
                   const struct download_file *file, const char *path, bool sync) {
         _cleanup_free_ uint8_t *data = NULL;
         size_t job_len = file->job_id ? strlen(file->job_id) : 0;
-        uint8_t sig[HASH_LEN];
+        uint8_t sig[HASH_LEN], ranges[HASH_LEN];
+        bool with_ranges = file->wanted != NULL;
         struct buffer b;
+        int r;
 
         if (job_len > JOB_ID_MAX || written->file_size != durable->file_size ||
-            written->block_size != durable->block_size || !is_subset(durable, written))
+            written->block_size != durable->block_size || !blockmap_is_subset(durable, written))
                 return -EINVAL;
-        data = malloc(8 + 4 + 8 + 8 + 4 + HASH_LEN + 2 + job_len + BOOT_ID_LEN + 4 + 2 * written->n_bytes + HASH_LEN);
+        if (with_ranges) {
+                r = ranges_hash(file->wanted, file->n_wanted, ranges);
+                if (r < 0)
+                        return r;
+        }
+        data = malloc(8 + 4 + 8 + 8 + 4 + 2 * HASH_LEN + 2 + job_len + BOOT_ID_LEN + 4 + 2 * written->n_bytes + HASH_LEN);
         if (!data)
                 return -ENOMEM;
         b = (struct buffer){ .data = data };
 
-        put_raw(&b, MAGIC, 8);
+        put_raw(&b, with_ranges ? MAGIC_RANGES : MAGIC, 8);
         put_le(&b, written->block_size, 4);
         put_le(&b, written->file_size, 8);
         put_le(&b, written->n_blocks, 8);
         put_le(&b, file->file_index, 4);
         signature_hash(file, sig);
         put_raw(&b, sig, HASH_LEN);
+        if (with_ranges)
+                put_raw(&b, ranges, HASH_LEN);
         put_le(&b, job_len, 2);
         if (job_len > 0)
                 put_raw(&b, file->job_id, job_len);
@@ -310,11 +411,11 @@ int blockmap_load(const char *path, const struct download_file *file, sd_id128_t
         _cleanup_free_ char *raw = NULL;
         struct blockmap *written = NULL, *durable = NULL;
         uint64_t block_size, file_size, n_blocks, file_index, job_len, n_bytes;
-        uint8_t sum[HASH_LEN], sig[HASH_LEN];
-        const uint8_t *magic, *saved_sig, *job, *saved_boot = NULL, *bits, *durable_bits;
+        uint8_t sum[HASH_LEN], sig[HASH_LEN], ranges[HASH_LEN];
+        const uint8_t *magic, *saved_sig, *saved_ranges = NULL, *job, *saved_boot = NULL, *bits, *durable_bits;
         struct buffer b;
         size_t size;
-        bool same, v1;
+        bool same, v1, v3;
         int r;
 
         /* 16M blocks (4 GiB at 256 bytes) is two 2 MiB bitmaps; allow more. */
@@ -331,11 +432,14 @@ int blockmap_load(const char *path, const struct download_file *file, sd_id128_t
 
         b = (struct buffer){ .data = (uint8_t *) raw, .len = size - HASH_LEN };
         magic = get_raw(&b, 8);
-        if (!magic || (memcmp(magic, MAGIC, 8) != 0 && memcmp(magic, MAGIC_V1, 8) != 0))
+        if (!magic ||
+            (memcmp(magic, MAGIC, 8) != 0 && memcmp(magic, MAGIC_V1, 8) != 0 && memcmp(magic, MAGIC_RANGES, 8) != 0))
                 return -EBADMSG;
         v1 = memcmp(magic, MAGIC_V1, 8) == 0;
+        v3 = memcmp(magic, MAGIC_RANGES, 8) == 0;
         if (!get_le(&b, 4, &block_size) || !get_le(&b, 8, &file_size) || !get_le(&b, 8, &n_blocks) ||
-            !get_le(&b, 4, &file_index) || !(saved_sig = get_raw(&b, HASH_LEN)) || !get_le(&b, 2, &job_len) ||
+            !get_le(&b, 4, &file_index) || !(saved_sig = get_raw(&b, HASH_LEN)) ||
+            (v3 && !(saved_ranges = get_raw(&b, HASH_LEN))) || !get_le(&b, 2, &job_len) ||
             !(job = get_raw(&b, job_len)) || (!v1 && !(saved_boot = get_raw(&b, BOOT_ID_LEN))) ||
             !get_le(&b, 4, &n_bytes) || !(bits = get_raw(&b, n_bytes)))
                 return -EBADMSG;
@@ -346,6 +450,16 @@ int blockmap_load(const char *path, const struct download_file *file, sd_id128_t
         signature_hash(file, sig);
         same = file_index == file->file_index && file_size == file->size && memcmp(saved_sig, sig, HASH_LEN) == 0 &&
                job_len == (file->job_id ? strlen(file->job_id) : 0) && memcmp(job, file->job_id ? file->job_id : "", job_len) == 0;
+        /* A record of some ranges is not one of the whole file, nor the
+         * reverse, nor one of other ranges. */
+        if (same && (file->wanted != NULL) != v3)
+                same = false;
+        if (same && v3) {
+                r = ranges_hash(file->wanted, file->n_wanted, ranges);
+                if (r < 0)
+                        return r;
+                same = memcmp(saved_ranges, ranges, HASH_LEN) == 0;
+        }
         if (!same)
                 return -ESTALE;
 
@@ -353,7 +467,7 @@ int blockmap_load(const char *path, const struct download_file *file, sd_id128_t
         if (r < 0)
                 return r;
         r = map_from_bits(file_size, block_size, n_blocks, durable_bits, n_bytes, &durable);
-        if (r < 0 || !is_subset(durable, written)) {
+        if (r < 0 || !blockmap_is_subset(durable, written)) {
                 blockmap_free(written);
                 blockmap_free(durable);
                 return r < 0 ? r : -EBADMSG;

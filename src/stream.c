@@ -13,6 +13,7 @@
 #include "log.h"
 #include "macro.h"
 #include "mqtt.h"
+#include "ranges.h"
 #include "stream.h"
 #include "stream_codec.h"
 
@@ -22,6 +23,11 @@
 #define BLOCK_SIZE_MIN 256u
 #define BLOCK_SIZE_MAX 131072u
 #define REQUEST_BLOCKS_MAX (REQUEST_BYTES_MAX / BLOCK_SIZE_MIN)
+/* With wanted ranges a request names up to a request's worth of wanted
+ * blocks spread over this many blocks (a 1 KiB bitmap: "b" may be up to
+ * 12287 bytes, §3.2; like the reference agent's whole-file bitmap with a
+ * small "n"). Beyond it, sparse wants take one more request. */
+#define REQUEST_SPAN_MAX 8192u
 /* Progress records (download.h): the blocks written are recorded after
  * every request's worth of new blocks (128 KiB) or RECORD_USEC, without a
  * flush, so a kill -9 costs at most that plus the blocks in flight; the
@@ -46,11 +52,12 @@ struct request_slot {
         uint64_t seq;         /* order of sending */
         uint64_t offset;      /* "o" */
         uint32_t n;           /* "n" */
+        uint32_t span;        /* blocks the bitmap covers */
         uint64_t outstanding; /* asked-for blocks not yet received */
         uint64_t sent;        /* CLOCK_MONOTONIC usec */
         bool answered;        /* a block of it arrived */
         uint64_t deadline;    /* sent + request_timeout */
-        uint8_t bitmap[REQUEST_BLOCKS_MAX / 8];
+        uint8_t bitmap[REQUEST_SPAN_MAX / 8];
 };
 
 struct stream_download {
@@ -59,7 +66,9 @@ struct stream_download {
         unsigned file_id;
         char *stream_name;
         char *topic_get, *topic_data, *topic_rejected;
-        struct download_file file; /* strings owned */
+        struct download_file file; /* strings and wanted ranges owned */
+        struct download_range *wanted; /* canonical (ranges.h); NULL: the whole file */
+        size_t n_wanted;
         const struct download_ops *ops;
         void *userdata;
 
@@ -69,6 +78,9 @@ struct stream_download {
         struct blockmap *received; /* written to the target */
         struct blockmap *durable;  /* of those, synced before the last durable record */
         struct blockmap *inflight; /* asked for by an active slot */
+        struct blockmap *want;     /* blocks holding wanted bytes; NULL: every block */
+        uint64_t blocks_wanted;    /* blocks set in want, or all of them */
+        uint64_t bytes_done;       /* wanted bytes in the received blocks */
         sd_id128_t boot_id;        /* the boot "received" is true in; null: unknown, durable records only */
         uint32_t block_size;
         uint32_t request_blocks;   /* blocks per request: 128 KiB / block size */
@@ -152,12 +164,24 @@ static void finish(struct stream_download *d, int result, const char *format, ..
         d->sub_data = d->sub_rejected = NULL;
 
         /* The figures, once; the owner reports what the result means. */
-        log_job(LOG_INFO, d->file.job_id, "download",
-                "Stream file %u %s: %" PRIu64 " new blocks, %" PRIu64 " resumed, %" PRIu64 " duplicates, %" PRIu64
-                " bad, %" PRIu64 " requests, %" PRIu64 " timeouts, %" PRIu64 " rejections%s%s",
-                d->file_id, result == 0 ? "complete" : "stopped", d->stats.blocks_received, d->stats.blocks_resumed,
-                d->stats.duplicates, d->stats.bad_blocks, d->stats.requests, d->stats.timeouts, d->stats.rejections,
-                d->reason[0] ? ": " : "", d->reason);
+        if (d->wanted)
+                log_job(LOG_INFO, d->file.job_id, "download",
+                        "Stream file %u %s: %" PRIu64 " of %" PRIu64 " wanted bytes written, %" PRIu64
+                        " resumed; %" PRIu64 " bytes in %" PRIu64 " new blocks, %" PRIu64 " bytes of data messages; %" PRIu64
+                        " duplicates, %" PRIu64 " bad, %" PRIu64 " unwanted, %" PRIu64 " requests, %" PRIu64
+                        " timeouts, %" PRIu64 " rejections%s%s",
+                        d->file_id, result == 0 ? "complete" : "stopped", d->stats.bytes_written,
+                        d->stats.bytes_wanted, d->stats.bytes_resumed, d->stats.bytes_fetched,
+                        d->stats.blocks_received, d->stats.bytes_on_wire, d->stats.duplicates, d->stats.bad_blocks,
+                        d->stats.blocks_unwanted, d->stats.requests, d->stats.timeouts, d->stats.rejections,
+                        d->reason[0] ? ": " : "", d->reason);
+        else
+                log_job(LOG_INFO, d->file.job_id, "download",
+                        "Stream file %u %s: %" PRIu64 " new blocks, %" PRIu64 " resumed, %" PRIu64 " duplicates, %" PRIu64
+                        " bad, %" PRIu64 " requests, %" PRIu64 " timeouts, %" PRIu64 " rejections%s%s",
+                        d->file_id, result == 0 ? "complete" : "stopped", d->stats.blocks_received,
+                        d->stats.blocks_resumed, d->stats.duplicates, d->stats.bad_blocks, d->stats.requests,
+                        d->stats.timeouts, d->stats.rejections, d->reason[0] ? ": " : "", d->reason);
 
         r = sd_event_add_defer(d->otad->event, &d->finish_source, on_finish_event, d);
         if (r < 0) {
@@ -219,7 +243,7 @@ static int record_due(struct stream_download *d, uint64_t now) {
 
 /* Gives up on a request: its blocks that did not come become requestable. */
 static void slot_release(struct stream_download *d, struct request_slot *s) {
-        for (uint32_t k = 0; k < s->n; k++)
+        for (uint32_t k = 0; k < s->span; k++)
                 if (s->bitmap[k >> 3] & (1u << (k & 7)))
                         blockmap_clear(d->inflight, s->offset + k);
         s->active = false;
@@ -239,48 +263,78 @@ static unsigned active_slots(const struct stream_download *d) {
         return n;
 }
 
-/* The next block that is neither received nor asked for, searching from the
- * cursor and wrapping once; blockmap_blocks() when there is none. */
+/* The next wanted block that is neither received nor asked for, searching
+ * from the cursor and wrapping once; blockmap_blocks() when there is none. */
 static uint64_t next_wanted(struct stream_download *d) {
-        uint64_t n = blockmap_blocks(d->received);
+        uint64_t n = blockmap_blocks(d->received), i;
 
-        for (int pass = 0; pass < 2; pass++) {
-                uint64_t i = pass == 0 ? d->cursor : 0, end = pass == 0 ? n : d->cursor;
-
-                while (i < end) {
-                        i = blockmap_missing_next(d->received, i);
-                        if (i >= end)
-                                break;
-                        if (!blockmap_test(d->inflight, i))
-                                return i;
-                        i++;
-                }
-        }
-        return n;
+        i = blockmap_wanted_next(d->want, d->received, d->inflight, d->cursor);
+        if (i < n)
+                return i;
+        i = blockmap_wanted_next(d->want, d->received, d->inflight, 0);
+        return i < d->cursor ? i : n;
 }
 
 static bool anything_to_request(const struct stream_download *d) {
-        return blockmap_count(d->received) + blockmap_count(d->inflight) < blockmap_blocks(d->received);
+        return blockmap_count(d->received) + blockmap_count(d->inflight) < d->blocks_wanted;
+}
+
+static bool all_received(const struct stream_download *d) {
+        return blockmap_count(d->received) == d->blocks_wanted;
+}
+
+/* Wanted bytes in the blocks set in m. */
+static uint64_t wanted_bytes_in(const struct stream_download *d, const struct blockmap *m) {
+        uint64_t bytes = 0, n = blockmap_blocks(m);
+
+        for (uint64_t i = blockmap_wanted_next(m, NULL, NULL, 0); i < n; i = blockmap_wanted_next(m, NULL, NULL, i + 1)) {
+                uint64_t start = i * d->block_size;
+
+                bytes += d->wanted ? ranges_bytes_in(d->wanted, d->n_wanted, start,
+                                                     start + blockmap_block_length(m, i))
+                                   : blockmap_block_length(m, i);
+        }
+        return bytes;
+}
+
+static void report_progress(struct stream_download *d) {
+        if (!d->ops->progress)
+                return;
+        if (d->wanted)
+                d->ops->progress(d->bytes_done, d->stats.bytes_wanted, d->userdata);
+        else
+                d->ops->progress(blockmap_count(d->received), blockmap_blocks(d->received), d->userdata);
 }
 
 /* Publishes one request for the missing blocks of the next window. Returns
  * 1 when sent, 0 when there is nothing to ask for, <0 on errors. */
 static int send_request(struct stream_download *d, struct request_slot *s, uint64_t now) {
-        uint8_t msg[64 + REQUEST_BLOCKS_MAX / 8];
+        uint8_t msg[128 + REQUEST_SPAN_MAX / 8];
         uint64_t start, wanted, total = blockmap_blocks(d->received);
-        uint32_t n;
+        uint32_t n, span;
         int len, r;
 
         start = next_wanted(d);
         if (start >= total)
                 return 0;
-        n = (uint32_t) (total - start < d->request_blocks ? total - start : d->request_blocks);
 
         memset(s, 0, sizeof *s);
-        wanted = blockmap_request_bitmap(d->received, d->inflight, start, n, s->bitmap);
-        /* "n" is exactly the window up to the last block asked for. */
-        while (n > 0 && !(s->bitmap[(n - 1) >> 3] & (1u << ((n - 1) & 7))))
-                n--;
+        if (d->want) {
+                /* Up to a request's worth of wanted blocks, however far
+                 * apart; "n" caps how many of the bitmap's blocks come back
+                 * (§3.2), as the reference agent's whole-file bitmap does. */
+                span = (uint32_t) (total - start < REQUEST_SPAN_MAX ? total - start : REQUEST_SPAN_MAX);
+                wanted = blockmap_request_sparse(d->want, d->received, d->inflight, start, span, d->request_blocks,
+                                                 s->bitmap, &span);
+                n = (uint32_t) wanted;
+        } else {
+                n = (uint32_t) (total - start < d->request_blocks ? total - start : d->request_blocks);
+                wanted = blockmap_request_bitmap(d->received, d->inflight, start, n, s->bitmap);
+                /* "n" is exactly the window up to the last block asked for. */
+                while (n > 0 && !(s->bitmap[(n - 1) >> 3] & (1u << ((n - 1) & 7))))
+                        n--;
+                span = n;
+        }
 
         len = stream_encode_request(&(struct stream_request){
                                             .client_token = d->token,
@@ -288,7 +342,7 @@ static int send_request(struct stream_download *d, struct request_slot *s, uint6
                                             .block_size = d->block_size,
                                             .offset = (uint32_t) start,
                                             .bitmap = s->bitmap,
-                                            .bitmap_len = (n + 7) / 8,
+                                            .bitmap_len = (span + 7) / 8,
                                             .n_blocks = n,
                                     },
                                     msg, sizeof msg);
@@ -304,14 +358,16 @@ static int send_request(struct stream_download *d, struct request_slot *s, uint6
         s->seq = d->next_seq++;
         s->offset = start;
         s->n = n;
+        s->span = span;
         s->outstanding = wanted;
         s->sent = now;
         s->deadline = now + d->timeout;
-        for (uint32_t k = 0; k < n; k++)
+        for (uint32_t k = 0; k < span; k++)
                 if (s->bitmap[k >> 3] & (1u << (k & 7)))
                         blockmap_set(d->inflight, start + k);
-        d->cursor = start + n;
+        d->cursor = start + span;
         d->stats.requests++;
+        d->stats.request_bytes += (uint64_t) len;
         d->momentum++;
         log_debug("GetStream %s file %u: o=%" PRIu64 " n=%" PRIu32 " (%" PRIu64 " blocks)", d->topic_get,
                   d->file_id, start, n, wanted);
@@ -489,7 +545,7 @@ static void pump(struct stream_download *d) {
         if (record_due(d, now) < 0)
                 return;
 
-        if (blockmap_complete(d->received)) {
+        if (all_received(d)) {
                 if (record_progress(d, true) < 0)
                         return;
                 finish(d, 0, NULL);
@@ -524,7 +580,7 @@ static struct request_slot *slot_of_block(struct stream_download *d, uint64_t in
                 struct request_slot *s = &d->slots[i];
                 uint64_t k = index - s->offset;
 
-                if (s->active && index >= s->offset && k < s->n && (s->bitmap[k >> 3] & (1u << (k & 7))))
+                if (s->active && index >= s->offset && k < s->span && (s->bitmap[k >> 3] & (1u << (k & 7))))
                         return s;
         }
         return NULL;
@@ -578,16 +634,45 @@ static bool block_size_disagrees(struct stream_download *d, const struct stream_
         return true;
 }
 
+/* Writes what of block b is wanted: all of it for the whole file, else its
+ * intersection with each wanted range (download.h: never a byte outside). */
+static int write_block(struct stream_download *d, const struct stream_block *b, uint64_t *ret_written) {
+        uint64_t start = b->index * (uint64_t) d->block_size, end = start + b->payload_len, written = 0;
+        int r;
+
+        if (!d->wanted) {
+                r = d->ops->write(start, b->payload, b->payload_len, d->userdata);
+                if (r < 0)
+                        return r;
+                *ret_written = b->payload_len;
+                return 0;
+        }
+        for (size_t i = ranges_find(d->wanted, d->n_wanted, start); i < d->n_wanted && d->wanted[i].offset < end;
+             i++) {
+                uint64_t a = d->wanted[i].offset > start ? d->wanted[i].offset : start;
+                uint64_t z = d->wanted[i].offset + d->wanted[i].length < end ? d->wanted[i].offset + d->wanted[i].length
+                                                                              : end;
+
+                r = d->ops->write(a, b->payload + (a - start), (size_t) (z - a), d->userdata);
+                if (r < 0)
+                        return r;
+                written += z - a;
+        }
+        *ret_written = written;
+        return 0;
+}
+
 static void on_data(const char *topic, const uint8_t *payload, size_t len, void *userdata) {
         struct stream_download *d = userdata;
         struct stream_block b;
         struct request_slot *s;
         const char *problem;
-        uint64_t now;
+        uint64_t now, written;
         int r;
 
         if (d->finished)
                 return;
+        d->stats.bytes_on_wire += len;
 
         if (stream_decode_block(payload, len, &b) < 0) {
                 d->stats.bad_blocks++;
@@ -617,8 +702,13 @@ static void on_data(const char *topic, const uint8_t *payload, size_t len, void 
                 d->stats.duplicates++;
                 return;
         }
+        if (d->want && !blockmap_test(d->want, b.index)) {
+                /* Valid, but no wanted byte is in it: never written. */
+                d->stats.blocks_unwanted++;
+                return;
+        }
 
-        r = d->ops->write(b.index * (uint64_t) d->block_size, b.payload, b.payload_len, d->userdata);
+        r = write_block(d, &b, &written);
         if (r < 0) {
                 finish(d, r, "failed to write block %" PRIu64 " (%zu bytes at offset %" PRIu64 ") to the target: %m",
                        b.index, b.payload_len, b.index * (uint64_t) d->block_size);
@@ -628,6 +718,9 @@ static void on_data(const char *topic, const uint8_t *payload, size_t len, void 
         blockmap_set(d->received, b.index);
         blockmap_clear(d->inflight, b.index);
         d->stats.blocks_received++;
+        d->stats.bytes_fetched += b.payload_len;
+        d->stats.bytes_written += written;
+        d->bytes_done += written;
         if (d->adopting && d->adopt_until) {
                 uint64_t until = now + ADOPT_QUIET_USEC, limit = d->adopt_started + d->timeout;
 
@@ -669,8 +762,7 @@ static void on_data(const char *topic, const uint8_t *payload, size_t len, void 
         if (record_due(d, now) < 0)
                 return;
 
-        if (d->ops->progress)
-                d->ops->progress(blockmap_count(d->received), blockmap_blocks(d->received), d->userdata);
+        report_progress(d);
         pump(d);
 }
 
@@ -685,7 +777,7 @@ static void set_token(struct stream_download *d) {
 }
 
 static int shrink_blocks(struct stream_download *d) {
-        struct blockmap *received = NULL, *durable = NULL, *inflight = NULL;
+        struct blockmap *received = NULL, *durable = NULL, *inflight = NULL, *want = NULL;
         uint32_t size = d->block_size / 2;
         int r;
 
@@ -695,6 +787,16 @@ static int shrink_blocks(struct stream_download *d) {
         r = blockmap_remap(d->durable, size, &durable);
         if (r < 0)
                 goto fail;
+        if (d->want) {
+                /* A half of a received block is received; a half without a
+                 * wanted byte is not wanted, and records hold wanted blocks
+                 * only. */
+                r = blockmap_new_covering(d->file.size, size, d->wanted, d->n_wanted, &want);
+                if (r < 0)
+                        goto fail;
+                (void) blockmap_intersect(received, want);
+                (void) blockmap_intersect(durable, want);
+        }
         r = blockmap_new(blockmap_file_size(d->received), size, &inflight);
         if (r < 0)
                 goto fail;
@@ -703,9 +805,12 @@ static int shrink_blocks(struct stream_download *d) {
         blockmap_free(d->received);
         blockmap_free(d->durable);
         blockmap_free(d->inflight);
+        blockmap_free(d->want);
         d->received = received;
         d->durable = durable;
         d->inflight = inflight;
+        d->want = want;
+        d->blocks_wanted = want ? blockmap_count(want) : blockmap_blocks(received);
         d->block_size = size;
         d->stats.block_size = size;
         d->request_blocks = d->record_blocks = REQUEST_BYTES_MAX / size;
@@ -722,6 +827,7 @@ static int shrink_blocks(struct stream_download *d) {
 fail:
         blockmap_free(received);
         blockmap_free(durable);
+        blockmap_free(want);
         return r;
 }
 
@@ -853,7 +959,10 @@ static int load_progress(struct stream_download *d, uint32_t block_size) {
                 r = blockmap_load(d->file.state_path, &d->file, d->boot_id, &m, &durable);
                 if (r == -ESTALE || r == -EBADMSG)
                         log_job(LOG_INFO, d->file.job_id, "download", "Discarding progress record %s: %s",
-                                d->file.state_path, r == -ESTALE ? "it belongs to another job or file" : "damaged");
+                                d->file.state_path,
+                                r == -EBADMSG ? "damaged"
+                                : d->wanted   ? "it belongs to another job, file or set of wanted ranges"
+                                              : "it belongs to another job or file");
                 else if (r < 0 && r != -ENOENT)
                         log_job_errno(LOG_WARNING, r, d->file.job_id, "download",
                                       "Failed to read progress record %s: %m, starting over", d->file.state_path);
@@ -866,18 +975,46 @@ static int load_progress(struct stream_download *d, uint32_t block_size) {
                         m = durable = NULL;
                 }
         }
+        if (m && d->wanted) {
+                r = blockmap_new_covering(d->file.size, blockmap_block_size(m), d->wanted, d->n_wanted, &d->want);
+                if (r < 0) {
+                        blockmap_free(m);
+                        blockmap_free(durable);
+                        return r;
+                }
+                if (!blockmap_is_subset(m, d->want)) {
+                        /* Same set, blocks outside it: not a record we wrote. */
+                        log_job(LOG_INFO, d->file.job_id, "download",
+                                "Discarding progress record %s: it counts blocks outside the wanted ranges",
+                                d->file.state_path);
+                        blockmap_free(m);
+                        blockmap_free(durable);
+                        blockmap_free(d->want);
+                        m = durable = NULL;
+                        d->want = NULL;
+                }
+        }
         if (!m) {
                 r = blockmap_new(d->file.size, block_size, &m);
                 if (r < 0)
                         return r;
+                if (d->wanted) {
+                        r = blockmap_new_covering(d->file.size, block_size, d->wanted, d->n_wanted, &d->want);
+                        if (r < 0) {
+                                blockmap_free(m);
+                                return r;
+                        }
+                }
         }
         /* A record keeps its block size: it may be smaller than configured
-         * because the service refused bigger blocks. */
+         * (or than chosen for the ranges) because the service refused
+         * bigger blocks. */
         d->received = m;
         d->durable = durable ? durable : blockmap_copy(m);
         if (!d->durable)
                 return -ENOMEM;
         d->block_size = blockmap_block_size(m);
+        d->blocks_wanted = d->want ? blockmap_count(d->want) : blockmap_blocks(m);
         d->stats.blocks_resumed = blockmap_count(m);
         /* A record of this job: a run before us may have left requests
          * whose answers are still coming. */
@@ -889,7 +1026,11 @@ static int load_progress(struct stream_download *d, uint32_t block_size) {
                 d->undurable_blocks = undurable;
                 d->undurable_since = clock_now_usec();
         }
-        return blockmap_new(d->file.size, d->block_size, &d->inflight);
+        r = blockmap_new(d->file.size, d->block_size, &d->inflight);
+        if (r < 0)
+                return r;
+        d->bytes_done = d->stats.bytes_resumed = wanted_bytes_in(d, d->received);
+        return 0;
 }
 
 int stream_download_new(struct otad *otad, const char *stream_name, unsigned file_id,
@@ -918,11 +1059,25 @@ int stream_download_new(struct otad *otad, const char *stream_name, unsigned fil
         d->file.job_id = file->job_id ? strdup(file->job_id) : NULL;
         d->file.signature = file->signature ? strdup(file->signature) : NULL;
         d->file.state_path = file->state_path ? strdup(file->state_path) : NULL;
+        d->file.wanted = NULL;
+        d->file.n_wanted = 0;
         if ((file->job_id && !d->file.job_id) || (file->signature && !d->file.signature) ||
             (file->state_path && !d->file.state_path)) {
                 r = -ENOMEM;
                 goto fail;
         }
+        if (file->wanted) {
+                r = ranges_normalize(file->wanted, file->n_wanted, file->size, &d->wanted, &d->n_wanted);
+                if (r < 0)
+                        goto fail;
+                /* The record names this set (blockmap.h). */
+                d->file.wanted = d->wanted;
+                d->file.n_wanted = d->n_wanted;
+                /* The configured size is the largest the device takes; the
+                 * ranges decide how much of it pays at their edges. */
+                block_size = ranges_stream_block_size(d->wanted, d->n_wanted, file->size, (uint32_t) block_size);
+        }
+        d->stats.bytes_wanted = d->wanted ? ranges_total(d->wanted, d->n_wanted) : file->size;
         d->stream_name = strdup(stream_name);
         if (!d->stream_name || asprintf(&d->topic_get, "streams/%s/get/cbor", stream_name) < 0 ||
             asprintf(&d->topic_data, "streams/%s/data/cbor", stream_name) < 0 ||
@@ -962,12 +1117,22 @@ int stream_download_new(struct otad *otad, const char *stream_name, unsigned fil
                 goto fail;
         sd_event_source_set_enabled(d->timer, SD_EVENT_OFF);
 
-        log_job(LOG_INFO, d->file.job_id, "download",
-                "Fetching stream %s file %u: %" PRIu64 " bytes in %" PRIu64 " blocks of %u, %" PRIu64
-                " already received", stream_name, file_id, d->file.size, blockmap_blocks(d->received),
-                d->block_size, blockmap_count(d->received));
+        if (d->wanted) {
+                uint64_t cover_blocks, cover_bytes;
 
-        if (blockmap_complete(d->received)) {
+                ranges_cover(d->wanted, d->n_wanted, d->file.size, d->block_size, &cover_blocks, &cover_bytes);
+                log_job(LOG_INFO, d->file.job_id, "download",
+                        "Fetching %zu ranges of stream %s file %u: %" PRIu64 " of %" PRIu64 " bytes, in %" PRIu64
+                        " blocks of %u (%" PRIu64 " bytes), %" PRIu64 " of them already received",
+                        d->n_wanted, stream_name, file_id, d->stats.bytes_wanted, d->file.size, cover_blocks,
+                        d->block_size, cover_bytes, blockmap_count(d->received));
+        } else
+                log_job(LOG_INFO, d->file.job_id, "download",
+                        "Fetching stream %s file %u: %" PRIu64 " bytes in %" PRIu64 " blocks of %u, %" PRIu64
+                        " already received", stream_name, file_id, d->file.size, blockmap_blocks(d->received),
+                        d->block_size, blockmap_count(d->received));
+
+        if (all_received(d)) {
                 /* Everything arrived before a restart: nothing to fetch,
                  * but perhaps to sync (download_ops.finished promises it). */
                 if (record_progress(d, true) < 0) {
@@ -987,8 +1152,7 @@ int stream_download_new(struct otad *otad, const char *stream_name, unsigned fil
         if (r < 0)
                 goto fail;
 
-        if (ops->progress)
-                ops->progress(blockmap_count(d->received), blockmap_blocks(d->received), userdata);
+        report_progress(d);
         *ret = d;
         return 0;
 
@@ -1007,6 +1171,8 @@ void stream_download_free(struct stream_download *d) {
         blockmap_free(d->received);
         blockmap_free(d->durable);
         blockmap_free(d->inflight);
+        blockmap_free(d->want);
+        free(d->wanted);
         free(d->slots);
         free(d->stream_name);
         free(d->topic_get);

@@ -4,6 +4,9 @@
  * plain file, for the HTTPS integration tests and the throughput figure.
  * Not installed.
  *
+ * With --ranges FILE ("OFFSET LENGTH" per line) it fetches only those
+ * wanted ranges and checks every write against download.h's contract.
+ *
  * When the engine asks for a fresh URL it prints "need-url" on stdout and
  * reads the next line of stdin as the new URL. At the end it prints one line
  * "result=... key=value ..." and exits 0 on success, 1 on failure.
@@ -24,6 +27,7 @@
 
 #include "config.h"
 #include "download.h"
+#include "fetch-ranges.h"
 #include "fileio.h"
 #include "http.h"
 #include "log.h"
@@ -40,10 +44,15 @@ struct fetch {
         struct http_download *download;
         unsigned syncs;
         bool no_sync; /* measure the transfer alone */
+        struct write_check check;
+        bool check_writes;
 };
 
 static int on_write(uint64_t offset, const void *buf, size_t len, void *userdata) {
         struct fetch *f = userdata;
+
+        if (f->check_writes)
+                write_check_add(&f->check, offset, len);
         return pwrite_all(f->fd, buf, len, offset);
 }
 
@@ -102,7 +111,7 @@ static const struct download_ops ops = {
 static void usage(void) {
         fprintf(stderr, "usage: http-fetch --url URL --output FILE --size BYTES [--state PATH] [--job-id ID]\n"
                         "       [--signature TEXT] [--file-index N] [--ca-file PEM] [--low-speed-limit B/s]\n"
-                        "       [--low-speed-time S] [--retries N] [--no-sync] [--verbose]\n");
+                        "       [--low-speed-time S] [--retries N] [--no-sync] [--verbose] [--ranges FILE]\n");
 }
 
 int main(int argc, char **argv) {
@@ -120,6 +129,7 @@ int main(int argc, char **argv) {
                 { "retries", required_argument, NULL, 'r' },
                 { "verbose", no_argument, NULL, 'v' },
                 { "no-sync", no_argument, NULL, 'n' },
+                { "ranges", required_argument, NULL, 'R' },
                 { NULL, 0, NULL, 0 },
         };
         struct otad_config config = {
@@ -132,7 +142,8 @@ int main(int argc, char **argv) {
         };
         struct download_file file = { .job_id = "http-fetch", .signature = "" };
         struct fetch f = { .fd = -1, .result = -EINPROGRESS };
-        const char *url = NULL, *output = NULL;
+        const char *url = NULL, *output = NULL, *ranges_path = NULL;
+        _cleanup_free_ struct download_range *wanted = NULL;
         struct http_download_stats st;
         struct timespec t0, t1;
         sd_event_source *in = NULL;
@@ -154,12 +165,26 @@ int main(int argc, char **argv) {
                 case 'r': config.ota.http_retries = strtoll(optarg, NULL, 10); break;
                 case 'v': log_set_max_level(LOG_DEBUG); break;
                 case 'n': f.no_sync = true; break;
+                case 'R': ranges_path = optarg; break;
                 default: usage(); return 2;
                 }
         }
         if (!url || !output || file.size == 0) {
                 usage();
                 return 2;
+        }
+        if (ranges_path) {
+                r = ranges_file_read(ranges_path, &wanted, &file.n_wanted);
+                if (r < 0) {
+                        fprintf(stderr, "http-fetch: %s: %s\n", ranges_path, strerror(-r));
+                        return 1;
+                }
+                file.wanted = wanted;
+                /* A bit per byte: for the tests' files, not the throughput
+                 * figure of whole files. */
+                if (write_check_init(&f.check, file.wanted, file.n_wanted, file.size) < 0)
+                        return 1;
+                f.check_writes = true;
         }
 
         f.fd = open(output, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
@@ -188,14 +213,22 @@ int main(int argc, char **argv) {
         http_download_get_stats(f.download, &st);
         double secs = (double) (t1.tv_sec - t0.tv_sec) + (double) (t1.tv_nsec - t0.tv_nsec) / 1e9;
         printf("result=%d offset=%" PRIu64 " resumed_from=%" PRIu64 " bytes_received=%" PRIu64
-               " requests=%u retries=%u url_refreshes=%u restarts=%u syncs=%u seconds=%.3f mib_per_s=%.1f reason=%s\n",
+               " requests=%u retries=%u url_refreshes=%u restarts=%u syncs=%u seconds=%.3f mib_per_s=%.1f"
+               " bytes_wanted=%" PRIu64 " bytes_resumed=%" PRIu64 " bytes_written=%" PRIu64 " header_bytes=%" PRIu64
+               " request_bytes=%" PRIu64 " multipart_overhead=%" PRIu64 " ranges_requested=%" PRIu64
+               " multi_range_fallbacks=%u one_range_per_request=%d writes=%" PRIu64 " bytes_outside=%" PRIu64
+               " bytes_twice=%" PRIu64 " reason=%s\n",
                f.result, st.offset, st.resumed_from, st.bytes_received, st.requests, st.retries, st.url_refreshes,
-               st.restarts, f.syncs, secs, secs > 0 ? (double) st.bytes_received / 1048576.0 / secs : 0.0, f.reason);
+               st.restarts, f.syncs, secs, secs > 0 ? (double) st.bytes_received / 1048576.0 / secs : 0.0,
+               st.bytes_wanted, st.bytes_resumed, st.bytes_written, st.header_bytes, st.request_bytes,
+               st.multipart_overhead, st.ranges_requested, st.multi_range_fallbacks, st.one_range_per_request,
+               f.check.writes, f.check.bytes_outside, f.check.bytes_twice, f.reason);
         fflush(stdout);
 
         http_download_free(f.download);
         sd_event_source_disable_unref(in);
         sd_event_unref(f.event);
         close(f.fd);
+        free(f.check.seen);
         return f.result == 0 ? 0 : 1;
 }

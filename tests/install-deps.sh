@@ -5,7 +5,8 @@
 # qemu-system-arm and u-boot-qemu the documented boot script in real U-Boot:
 # tests/test-uboot-boot.c;
 # libzck, zstd, zchunk and python3-botocore: update bundles, tests/test-bundle.c
-# and tests/integration/test_bundle_tool.py.)
+# and tests/integration/test_bundle_tool.py; zchunk also makes the pair of
+# payloads tests/bench/bench_ranges.py measures against.)
 set -eu
 
 packages="

@@ -2,9 +2,12 @@
 /*
  * stream-fetch: src/stream.c alone, over a real MQTT session, for tests and
  * benchmarks. Fetches one stream file into a plain file (kept across runs,
- * so a second run resumes from the progress record) and prints one result
- * line with the transfer's figures:
+ * so a second run resumes from the progress record), or only the wanted
+ * ranges listed in --ranges FILE ("OFFSET LENGTH" per line), checking every
+ * write against download.h's contract, and prints two result lines with
+ * the transfer's figures:
  *   stream-fetch: result=0 reason= blocks_received=... block_size=...
+ *   stream-fetch: bytes_wanted=... bytes_outside=0 bytes_twice=0
  * Not installed.
  */
 #include <errno.h>
@@ -19,6 +22,7 @@
 
 #include "config.h"
 #include "download.h"
+#include "fetch-ranges.h"
 #include "fileio.h"
 #include "log.h"
 #include "macro.h"
@@ -32,11 +36,13 @@ struct fetch {
         struct stream_download *download;
         int result;
         uint64_t last_progress;
+        struct write_check check;
 };
 
 static int fetch_write(uint64_t offset, const void *buf, size_t len, void *userdata) {
         struct fetch *f = userdata;
 
+        write_check_add(&f->check, offset, len);
         return pwrite_all(f->fd, buf, len, offset);
 }
 
@@ -65,6 +71,11 @@ static void fetch_finished(int result, const char *reason, void *userdata) {
                " rejections=%" PRIu64 " block_size=%" PRIu32 "\n",
                result, reason ? reason : "", st.blocks_received, st.blocks_resumed, st.duplicates, st.bad_blocks,
                st.requests, st.timeouts, st.rejections, st.block_size);
+        printf("stream-fetch: bytes_wanted=%" PRIu64 " bytes_resumed=%" PRIu64 " bytes_written=%" PRIu64
+               " bytes_fetched=%" PRIu64 " bytes_on_wire=%" PRIu64 " request_bytes=%" PRIu64
+               " blocks_unwanted=%" PRIu64 " writes=%" PRIu64 " bytes_outside=%" PRIu64 " bytes_twice=%" PRIu64 "\n",
+               st.bytes_wanted, st.bytes_resumed, st.bytes_written, st.bytes_fetched, st.bytes_on_wire,
+               st.request_bytes, st.blocks_unwanted, f->check.writes, f->check.bytes_outside, f->check.bytes_twice);
         fflush(stdout);
         f->result = result;
         stream_download_free(take_ptr(&f->download));
@@ -80,11 +91,11 @@ static const struct download_ops fetch_ops = {
 
 static void help(void) {
         printf("Usage: stream-fetch -c CONFIG --stream ID --file-id N --size BYTES --out PATH\n"
-               "                    [--job-id ID] [--signature B64] [--state PATH]\n");
+               "                    [--job-id ID] [--signature B64] [--state PATH] [--ranges FILE]\n");
 }
 
 int main(int argc, char *argv[]) {
-        enum { ARG_STREAM = 0x100, ARG_FILE_ID, ARG_SIZE, ARG_OUT, ARG_JOB_ID, ARG_SIGNATURE, ARG_STATE };
+        enum { ARG_STREAM = 0x100, ARG_FILE_ID, ARG_SIZE, ARG_OUT, ARG_JOB_ID, ARG_SIGNATURE, ARG_STATE, ARG_RANGES };
         static const struct option options[] = {
                 { "config", required_argument, NULL, 'c' },
                 { "stream", required_argument, NULL, ARG_STREAM },
@@ -94,10 +105,12 @@ int main(int argc, char *argv[]) {
                 { "job-id", required_argument, NULL, ARG_JOB_ID },
                 { "signature", required_argument, NULL, ARG_SIGNATURE },
                 { "state", required_argument, NULL, ARG_STATE },
+                { "ranges", required_argument, NULL, ARG_RANGES },
                 { "help", no_argument, NULL, 'h' },
                 { NULL, 0, NULL, 0 },
         };
-        const char *config_path = NULL, *stream = NULL, *out = NULL;
+        const char *config_path = NULL, *stream = NULL, *out = NULL, *ranges_path = NULL;
+        _cleanup_free_ struct download_range *wanted = NULL;
         struct download_file file = { .job_id = "stream-fetch" };
         struct fetch f = { .fd = -1, .result = -EINTR };
         unsigned file_id = 0;
@@ -130,6 +143,9 @@ int main(int argc, char *argv[]) {
                 case ARG_STATE:
                         file.state_path = optarg;
                         break;
+                case ARG_RANGES:
+                        ranges_path = optarg;
+                        break;
                 case 'h':
                         help();
                         return EXIT_SUCCESS;
@@ -140,6 +156,16 @@ int main(int argc, char *argv[]) {
                 help();
                 return EXIT_FAILURE;
         }
+        if (ranges_path) {
+                r = ranges_file_read(ranges_path, &wanted, &file.n_wanted);
+                if (r < 0) {
+                        fprintf(stderr, "stream-fetch: %s: %s\n", ranges_path, strerror(-r));
+                        return EXIT_FAILURE;
+                }
+                file.wanted = wanted;
+        }
+        if (write_check_init(&f.check, file.wanted, file.n_wanted, file.size) < 0)
+                return EXIT_FAILURE;
 
         log_open();
         r = config_load(config_path, &f.otad.config);
@@ -182,5 +208,6 @@ int main(int argc, char *argv[]) {
         sd_event_unref(f.otad.event);
         config_free(f.otad.config);
         close(f.fd);
+        free(f.check.seen);
         return r >= 0 && f.result == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

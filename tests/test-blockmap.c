@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The block map: accounting, the GetStream bitmaps of protocol.md §3.4,
- * re-mapping to smaller blocks, and the progress file: round trip, another
- * job's or file's record (-ESTALE), torn and corrupted files (-EBADMSG).
+ * The block map: accounting, the GetStream bitmaps of protocol.md §3.4
+ * (whole windows, and sparse ones for wanted ranges), re-mapping to smaller
+ * blocks, and the progress file: round trip, another job's, file's or
+ * wanted set's record (-ESTALE), torn and corrupted files (-EBADMSG).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -105,6 +106,73 @@ static void test_request_bitmap(void) {
         tap_ok(bytes_are(buf, 4, "\x08\x00\x00\x00"), "window past the end bitmap");
         blockmap_free(skip);
         blockmap_free(m);
+}
+
+/* Wanted ranges: the blocks that hold them, and bitmaps naming exactly
+ * those that are missing, sparse across a window (§3.4: LSB-first, byte 0
+ * first, bit 0 = block "o"). */
+static void test_sparse_bitmap(void) {
+        /* The AWS example's blocks 20, 21, 24, 43 of 256 bytes as ranges:
+         * one byte of 20, the end of 21 and the start of 22 would add 22. */
+        static const struct download_range aws[] = {
+                { .offset = 20 * 256 + 7, .length = 1 },
+                { .offset = 21 * 256, .length = 256 },
+                { .offset = 24 * 256 + 255, .length = 1 },
+                { .offset = 43 * 256, .length = 10 },
+        };
+        static const struct download_range across[] = { { .offset = 21 * 256 + 200, .length = 100 } };
+        struct blockmap *want, *have, *skip;
+        uint8_t buf[1024];
+        uint32_t span = 0;
+
+        tap_is_int(blockmap_new_covering(64 * 256, 256, aws, ELEMENTSOF(aws), &want), 0, "covering map");
+        tap_ok(blockmap_count(want) == 4 && blockmap_test(want, 20) && blockmap_test(want, 21) &&
+                       blockmap_test(want, 24) && blockmap_test(want, 43),
+               "the blocks holding wanted bytes: 20, 21, 24, 43");
+        blockmap_new(64 * 256, 256, &have);
+        tap_is_int((long long) blockmap_request_sparse(want, have, NULL, 20, 44, 32, buf, &span), 4,
+                   "o=20: 4 blocks asked for");
+        tap_ok(span == 24 && bytes_are(buf, 3, "\x13\x00\x80"), "o=20 bitmap 13 00 80, 24 blocks long (span %u)",
+               span);
+        tap_is_int((long long) blockmap_wanted_next(want, have, NULL, 0), 20, "first wanted: 20");
+        tap_is_int((long long) blockmap_wanted_next(want, have, NULL, 25), 43, "next wanted from 25: 43");
+        tap_is_int((long long) blockmap_wanted_next(want, have, NULL, 44), 64, "none from 44: blocks()");
+
+        /* Received and in-flight blocks are left out; n caps the count. */
+        blockmap_set(have, 20);
+        blockmap_new(64 * 256, 256, &skip);
+        blockmap_set(skip, 24);
+        tap_is_int((long long) blockmap_request_sparse(want, have, skip, 21, 43, 32, buf, &span), 2,
+                   "received and in-flight blocks skipped");
+        tap_ok(span == 23 && bytes_are(buf, 3, "\x01\x00\x40"), "o=21 bitmap 01 00 40");
+        tap_is_int((long long) blockmap_request_sparse(want, have, NULL, 21, 43, 1, buf, &span), 1,
+                   "max_blocks 1: one block");
+        tap_ok(span == 1 && buf[0] == 0x01, "and the bitmap ends with it");
+        tap_is_int((long long) blockmap_request_sparse(want, have, NULL, 21, 3, 32, buf, &span), 1,
+                   "a span of 3 does not reach block 24");
+        tap_is_int((long long) blockmap_wanted_next(NULL, have, skip, 20), 21, "no want: any missing block");
+
+        /* A range across a block edge wants both blocks. */
+        blockmap_free(want);
+        tap_is_int(blockmap_new_covering(64 * 256, 256, across, 1, &want), 0, "covering a block edge");
+        tap_ok(blockmap_count(want) == 2 && blockmap_test(want, 21) && blockmap_test(want, 22), "blocks 21 and 22");
+
+        /* Records hold wanted blocks only: intersect after a remap. */
+        blockmap_set(have, 22);
+        blockmap_set(have, 40);
+        tap_is_int(blockmap_intersect(have, want), 0, "intersect");
+        tap_ok(blockmap_count(have) == 1 && blockmap_test(have, 22), "only the wanted block stays");
+        tap_ok(blockmap_is_subset(have, want) && !blockmap_is_subset(want, have), "subset");
+        blockmap_free(skip);
+        blockmap_new(64 * 256, 512, &skip);
+        tap_is_int(blockmap_intersect(have, skip), -EINVAL, "intersect across block sizes: -EINVAL");
+        tap_ok(!blockmap_is_subset(have, skip), "no subset across block sizes");
+        static const struct download_range outside[] = { { .offset = 64 * 256, .length = 1 } };
+        struct blockmap *none = NULL;
+        tap_is_int(blockmap_new_covering(64 * 256, 256, outside, 1, &none), -EINVAL, "a range past the file");
+        blockmap_free(skip);
+        blockmap_free(want);
+        blockmap_free(have);
 }
 
 static void test_remap(void) {
@@ -216,6 +284,64 @@ static void test_persistence(const char *dir) {
         unlink(tmp);
 }
 
+/* A record of wanted ranges names the set: one of another set, or of the
+ * whole file, is not resumed; nor is a whole-file record for ranges. */
+static void test_ranges_identity(const char *dir) {
+        _cleanup_free_ char *path = NULL;
+        static const struct download_range set[] = { { .offset = 0, .length = 100 }, { .offset = 100, .length = 50 },
+                                                      { .offset = 5000, .length = 10 } };
+        static const struct download_range merged[] = { { .offset = 0, .length = 150 },
+                                                        { .offset = 5000, .length = 10 } };
+        static const struct download_range other[] = { { .offset = 0, .length = 150 },
+                                                       { .offset = 5000, .length = 11 } };
+        struct download_file file = { .job_id = "AFR_OTA-job1", .size = 100000, .signature = SIG,
+                                      .wanted = set, .n_wanted = ELEMENTSOF(set) };
+        struct download_file f2;
+        struct blockmap *m, *loaded = NULL;
+        _cleanup_free_ char *raw = NULL;
+
+        if (asprintf(&path, "%s/progress3", dir) < 0)
+                abort();
+        file.state_path = path;
+        blockmap_new_covering(file.size, 4096, set, ELEMENTSOF(set), &m);
+        tap_is_int(blockmap_save(m, m, BOOT, &file, path, true), 0, "save a record of ranges");
+        tap_ok(read_file_full(path, 1 << 20, &raw, NULL) == 0 && memcmp(raw, "OTADBMP3", 8) == 0, "version 3");
+        tap_ok(blockmap_load(path, &file, BOOT, &loaded, NULL) == 0 && blockmap_count(loaded) == 2, "same set: resumed");
+        blockmap_free(loaded);
+        loaded = NULL;
+        f2 = file;
+        f2.wanted = merged;
+        f2.n_wanted = ELEMENTSOF(merged);
+        tap_ok(blockmap_load(path, &f2, BOOT, &loaded, NULL) == 0, "the same set in merged form: resumed");
+        blockmap_free(loaded);
+        loaded = NULL;
+        f2.wanted = other;
+        tap_is_int(blockmap_load(path, &f2, BOOT, &loaded, NULL), -ESTALE, "another set: -ESTALE");
+        f2.wanted = NULL;
+        f2.n_wanted = 0;
+        tap_is_int(blockmap_load(path, &f2, BOOT, &loaded, NULL), -ESTALE, "the whole file: -ESTALE");
+        f2.wanted = set;
+        f2.n_wanted = 0;
+        tap_is_int(blockmap_load(path, &f2, BOOT, &loaded, NULL), -ESTALE, "the empty set: -ESTALE");
+
+        /* A whole-file record (version 2, as before) is no record of ranges. */
+        f2 = file;
+        f2.wanted = NULL;
+        f2.n_wanted = 0;
+        blockmap_free(m);
+        blockmap_new(file.size, 4096, &m);
+        blockmap_set(m, 0);
+        tap_is_int(blockmap_save(m, m, BOOT, &f2, path, true), 0, "save a whole-file record");
+        free(raw);
+        raw = NULL;
+        tap_ok(read_file_full(path, 1 << 20, &raw, NULL) == 0 && memcmp(raw, "OTADBMP2", 8) == 0,
+               "still version 2");
+        tap_is_int(blockmap_load(path, &file, BOOT, &loaded, NULL), -ESTALE, "for ranges: -ESTALE");
+        tap_ok(loaded == NULL, "ret untouched");
+        blockmap_free(m);
+        unlink(path);
+}
+
 /* What each of kill -9 and a power cut leaves a resuming run (download.h). */
 static void test_written_and_durable(const char *dir) {
         _cleanup_free_ char *path = NULL;
@@ -271,8 +397,10 @@ int main(void) {
                 abort();
         test_accounting();
         test_request_bitmap();
+        test_sparse_bitmap();
         test_remap();
         test_persistence(dir);
+        test_ranges_identity(dir);
         test_written_and_durable(dir);
         rmdir(dir);
         return tap_done();

@@ -6,6 +6,10 @@ header, a throttled location to kill a download midway, a location that
 ignores Range) and a small TLS server in this file that misbehaves on
 purpose (cuts the body, expires the URL, stalls, sends too much). Both use a
 CA made here with the openssl CLI, passed to http-fetch as --ca-file.
+Wanted ranges (test_ranges_*) meet nginx serving multipart/byteranges, nginx
+serving one range per request (max_ranges 1) or none, the stand-in's S3
+(tests/standin/httpsd.py: one range per GET, presigned URLs), and a server
+in this file answering several ranges the ways servers get it wrong.
 
 Run: /usr/bin/python3 tests/standin/tap.py tests/integration/test_http_fetch.py
 (OTAD_BUILD_ROOT names the meson build directory; OTAD_BENCH_MIB (default 32) sizes
@@ -27,6 +31,12 @@ import tempfile
 import threading
 import time
 import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "standin"))
+
+import httpsd  # noqa: E402
+import record as record_mod  # noqa: E402
+import wanted_ranges  # noqa: E402
 
 BUILD = os.environ.get("OTAD_BUILD_ROOT", os.path.join(os.path.dirname(__file__), "../../build"))
 FETCH = os.path.join(BUILD, "tests", "http-fetch")
@@ -79,6 +89,9 @@ http {{
     # The query string (a presigned URL's credential) stays out of the log.
     log_format ranges '$uri "$http_range" $status $body_bytes_sent';
     access_log {p}/access.log ranges;
+    # Which connection served each request, for the one-connection checks.
+    log_format conns '$uri "$http_range" $status $body_bytes_sent $connection';
+    access_log {p}/conn.log conns;
     server {{
         listen 127.0.0.1:{port} ssl;
         ssl_certificate {p}/server.crt;
@@ -87,6 +100,7 @@ http {{
         location /files/ {{ alias {p}/www/; }}
         location /slow/ {{ alias {p}/www/; limit_rate 6m; }}
         location /norange/ {{ alias {p}/www/; max_ranges 0; }}
+        location /onerange/ {{ alias {p}/www/; max_ranges 1; }}
     }}
 }}
 """
@@ -138,6 +152,22 @@ class Nginx:
         # Query strings like a presigned URL's: the server ignores them.
         return "https://127.0.0.1:%d/%s/%s?X-Amz-Signature=%s" % (
             self.port, location, name, secrets.token_hex(16))
+
+    def plain_url(self, location, name):
+        """A URL with a token that is not S3's presigned form: http.c may
+        ask this server for several ranges per request."""
+        return "https://127.0.0.1:%d/%s/%s?token=%s" % (self.port, location, name, secrets.token_hex(16))
+
+    def conn_log(self, name):
+        """[(range header or None, status, bytes sent, connection serial)]."""
+        out = []
+        with open(os.path.join(self.dir, "conn.log")) as f:
+            for line in f:
+                m = re.match(r'^(\S+) "([^"]*)" (\d+) (\d+) (\d+)$', line.strip())
+                if m and m.group(1).endswith("/" + name):
+                    out.append((None if m.group(2) == "-" else m.group(2), int(m.group(3)), int(m.group(4)),
+                                int(m.group(5))))
+        return out
 
     def log(self, name):
         """[(range header or None, status, bytes sent)] for one file."""
@@ -253,6 +283,130 @@ class FaultyServer:
 
     def stop(self):
         self.stop_event.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class RangesServer:
+    """A TLS HTTP/1.1 server of one file for requests of several ranges, with
+    one behaviour per request from script (the last one repeating):
+      "multipart"  as RFC 9110 says: multipart/byteranges, one part per range
+      "first"      a plain 206 of the first range only (reported of S3)
+      "fewer"      multipart with every other range left out (a hole)
+      "one-part"   multipart holding the first range only
+      "reverse"    multipart with the parts in reverse order
+      "coalesce"   one part from the first range's start to the last one's end
+      "garbage"    206 multipart/byteranges whose parts have no Content-Range
+      "cut:N"      the answer "multipart" gives, cut after N body bytes; the
+                   URL in use expires
+      "403"        refuse like an expired presigned URL
+    A request for one range always gets a plain 206 (or its cut). Only URLs
+    from url() issued since the last expiry are valid.
+    log: (token, range header, status, body bytes, connection serial), made
+    before the body is sent (a client may hang up on a body it refuses)."""
+
+    BOUNDARY = "3d6b6a416f9b5"
+
+    def __init__(self, certdir, data, script):
+        self.data = data
+        self.script = list(script)
+        self.log = []
+        self.valid = set()
+        self.connections = 0
+        server = self
+        lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                with lock:
+                    server.connections += 1
+                    self.serial = server.connections
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                path, _, query = self.path.partition("?")
+                token = dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("t")
+                rng = self.headers.get("Range") or ""
+                with lock:
+                    mode = server.script.pop(0) if len(server.script) > 1 else server.script[0]
+                if mode == "403" or token not in server.valid:
+                    body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+                    self.send_response(403)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    server.log.append((token, rng, 403, 0, self.serial))
+                    return
+                spans = [(int(a), int(b) + 1) for a, b in re.findall(r"(\d+)-(\d+)", rng)]
+                status, headers, body = server.answer(mode, spans)
+                cut = int(mode[4:]) if mode.startswith("cut:") else None
+                server.log.append((token, rng, status, len(body) if cut is None else cut, self.serial))
+                self.send_response(status)
+                for h in headers:
+                    self.send_header(*h)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    if cut is not None:
+                        self.wfile.write(body[:cut])
+                        self.wfile.flush()
+                        server.valid.discard(token)
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
+                    self.wfile.write(body)
+                except OSError:
+                    self.close_connection = True  # the client stopped reading
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(os.path.join(certdir, "server.crt"), os.path.join(certdir, "server.key"))
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def multipart(self, parts):
+        size = len(self.data)
+        out = b""
+        for a, b in parts:
+            out += ("\r\n--%s\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes %d-%d/%d\r\n\r\n"
+                    % (self.BOUNDARY, a, b - 1, size)).encode() + self.data[a:b]
+        return out + ("\r\n--%s--\r\n" % self.BOUNDARY).encode()
+
+    def answer(self, mode, spans):
+        size = len(self.data)
+        ctype = ("Content-Type", "multipart/byteranges; boundary=%s" % self.BOUNDARY)
+        if not spans:
+            return 200, [], self.data
+        if len(spans) == 1 or mode == "first":
+            a, b = spans[0]
+            return 206, [("Content-Range", "bytes %d-%d/%d" % (a, b - 1, size))], self.data[a:b]
+        if mode == "fewer":
+            return 206, [ctype], self.multipart(spans[::2])
+        if mode == "one-part":
+            return 206, [ctype], self.multipart(spans[:1])
+        if mode == "reverse":
+            return 206, [ctype], self.multipart(spans[::-1])
+        if mode == "coalesce":
+            return 206, [ctype], self.multipart([(spans[0][0], spans[-1][1])])
+        if mode == "garbage":
+            body = self.multipart(spans).replace(b"Content-Range:", b"X-Range:")
+            return 206, [ctype], body
+        return 206, [ctype], self.multipart(spans)
+
+    def url(self):
+        token = secrets.token_hex(8)
+        self.valid.add(token)
+        return "https://localhost:%d/bucket/image.bin?t=%s" % (self.port, token)
+
+    def stop(self):
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -550,6 +704,228 @@ class HttpFetchTest(unittest.TestCase):
         # 3 stalls of ~1 s plus backoff 1 s + 2 s; far below the 60 s stall.
         self.assertLess(elapsed, 20)
         print("stall: gave up after %.1f s" % elapsed)
+
+    # --- wanted ranges ----------------------------------------------------------
+
+    def ranges_args(self, ranges):
+        path = os.path.join(self.work, "ranges-%d" % time.monotonic_ns())
+        wanted_ranges.write_file(path, ranges)
+        return ["--ranges", path]
+
+    def fetch_ranges(self, url, data, ranges, *extra, prefill=True, **kw):
+        if prefill:
+            wanted_ranges.prefill(self.out, len(data))
+        return self.fetch(url, len(data), *self.ranges_args(ranges), *extra, **kw)
+
+    def assert_ranges_written(self, r, data, ranges):
+        self.assertEqual(r["rc"], 0, r)
+        wanted_ranges.check_file(self, self.out, data, ranges)
+        self.assertEqual((int(r["bytes_outside"]), int(r["bytes_twice"])), (0, 0), "download.h's write contract")
+        self.assertEqual(int(r["bytes_wanted"]), wanted_ranges.total(ranges))
+        self.assertEqual(int(r["bytes_resumed"]) + int(r["bytes_written"]), wanted_ranges.total(ranges))
+
+    def test_ranges_nginx_several_per_request_on_one_connection(self):
+        data = os.urandom(8 * MIB + 5)
+        self.nginx.add("multi.bin", data)
+        # Small chunks: some 300 ranges, more than one request holds.
+        ranges = wanted_ranges.chunk_like(len(data), seed=21, mean=4 * 1024, missing=0.3, run=2)
+        canon = wanted_ranges.canonical(ranges)
+        r = self.fetch_ranges(self.nginx.plain_url("files", "multi.bin"), data, ranges)
+        self.assert_ranges_written(r, data, ranges)
+        log = self.nginx.conn_log("multi.bin")
+        self.assertTrue(all(status == 206 for _, status, _, _ in log), log)
+        self.assertGreater(len(log), 1)
+        self.assertEqual(log[0][0].count(","), 99, "100 ranges in a full request")
+        self.assertEqual(len({c for *_, c in log}), 1, "one connection for all requests")
+        self.assertEqual(int(r["requests"]), len(log))
+        self.assertLessEqual(len(log), -(-len(canon) // 100), "up to 100 ranges per request")
+        self.assertEqual(int(r["multi_range_fallbacks"]), 0)
+        body = sum(b for _, _, b, _ in log)
+        want = wanted_ranges.total(ranges)
+        self.assertEqual(int(r["bytes_received"]), body)
+        self.assertLessEqual(body, want + len(canon) * 300, "short gaps fetched along, part headers ~100 bytes")
+        print("nginx multipart: %d bytes wanted in %d ranges, %d body bytes (%.3f x) in %d requests, "
+              "%s header bytes, %s sent" % (want, len(canon), body, body / want, len(log), r["header_bytes"],
+                                            r["request_bytes"]))
+
+    def test_ranges_s3_one_range_per_request(self):
+        data = os.urandom(8 * MIB + 5)
+        ranges = wanted_ranges.chunk_like(len(data), seed=22, mean=16 * 1024, missing=0.3, run=3)
+        canon = wanted_ranges.canonical(ranges)
+        rec = record_mod.Record()
+        s3 = httpsd.PresignedServer(os.path.join(self.dir, "server.crt"), os.path.join(self.dir, "server.key"),
+                                    rec).start()
+        try:
+            s3.add_file("ota/image.bin", data, thing="t")
+            r = self.fetch_ranges(s3.presign("ota/image.bin"), data, ranges,
+                                  fresh_urls=lambda: s3.presign("ota/image.bin"))
+        finally:
+            s3.stop()
+        self.assert_ranges_written(r, data, ranges)
+        reqs = rec.http_requests()
+        self.assertTrue(all("," not in q["range"] and q["status"] == 206 for q in reqs),
+                        "S3's presigned URL: one range per GET, never several")
+        self.assertEqual((int(r["one_range_per_request"]), int(r["multi_range_fallbacks"])), (1, 0))
+        self.assertEqual(int(r["requests"]), len(reqs))
+        self.assertLessEqual(len(reqs), len(canon))
+        served, want = rec.bytes_served(protocol="https"), wanted_ranges.total(ranges)
+        self.assertEqual(served, int(r["bytes_received"]))
+        per_request = (int(r["request_bytes"]) + int(r["header_bytes"])) / len(reqs)
+        # A gap is fetched along only when shorter than what a request costs.
+        self.assertLessEqual(served, want + (len(canon) - len(reqs)) * per_request)
+        print("S3 stand-in: %d bytes wanted in %d ranges, %d body bytes (%.3f x) in %d requests of %.0f bytes "
+              "overhead each" % (want, len(canon), served, served / want, len(reqs), per_request))
+
+    def test_ranges_nginx_one_range_server(self):
+        data = os.urandom(8 * MIB + 5)
+        self.nginx.add("one.bin", data)
+        ranges = wanted_ranges.chunk_like(len(data), seed=23, mean=16 * 1024, missing=0.3, run=3)
+        r = self.fetch_ranges(self.nginx.plain_url("onerange", "one.bin"), data, ranges)
+        self.assert_ranges_written(r, data, ranges)
+        log = self.nginx.conn_log("one.bin")
+        self.assertEqual(log[0][1], 200, "several ranges: nginx with max_ranges 1 sends the whole file")
+        self.assertIn(",", log[0][0])
+        self.assertTrue(all(st == 206 and "," not in rg for rg, st, _, _ in log[1:]), log[:5])
+        self.assertEqual(int(r["multi_range_fallbacks"]), 1)
+        self.assertEqual(len({c for *_, c in log[1:]}), 1, "then one connection, request after request")
+        after = sum(b for _, _, b, _ in log[1:])
+        self.assertLess(int(r["bytes_received"]) - after, 1 * MIB, "the whole file was not read")
+        print("nginx max_ranges 1: the refused request cost %d bytes received of %d sent"
+              % (int(r["bytes_received"]) - after, log[0][2]))
+
+    def test_ranges_server_ignores_range(self):
+        data = os.urandom(3 * MIB)
+        self.nginx.add("norange2.bin", data)
+        ranges = [(1000, 5000), (2 * MIB, 100)]
+        r = self.fetch_ranges(self.nginx.plain_url("norange", "norange2.bin"), data, ranges)
+        self.assert_ranges_written(r, data, ranges)
+        log = self.nginx.log("norange2.bin")
+        # Several ranges: refused (200), asked again for one: 200 again,
+        # read through once, taking both ranges from it.
+        self.assertEqual([(rg, st) for rg, st, _ in log], [("bytes=1000-5999,2097152-2097251", 200),
+                                                           ("bytes=1000-5999", 200)])
+        self.assertEqual(int(r["multi_range_fallbacks"]), 1)
+        self.assertEqual(int(r["requests"]), 2)
+        self.assertLess(int(r["bytes_received"]), len(data), "stopped reading once every wanted byte was in")
+
+    def test_ranges_servers_that_answer_badly(self):
+        data = os.urandom(2 * MIB + 99)
+        ranges = wanted_ranges.chunk_like(len(data), seed=24, mean=8 * 1024, missing=0.3, run=2)
+        for mode, fallback in (("multipart", 0), ("coalesce", 0), ("first", 1), ("one-part", 1), ("fewer", 1),
+                               ("reverse", 1), ("garbage", 1)):
+            with self.subTest(mode):
+                if os.path.exists(self.state):
+                    os.unlink(self.state)
+                s = RangesServer(self.dir, data, [mode])
+                self.servers.append(s)
+                r = self.fetch_ranges(s.url(), data, ranges)
+                self.assert_ranges_written(r, data, ranges)
+                self.assertEqual(int(r["multi_range_fallbacks"]), fallback, s.log[:3])
+                self.assertIn(",", s.log[0][1])
+                if fallback:
+                    self.assertTrue(all("," not in e[1] for e in s.log[1:]), "one range per request after it")
+                self.assertEqual(int(r["retries"]), 0, "not a failure, an answer")
+
+    def test_ranges_resume_after_kill9(self):
+        data = os.urandom(40 * MIB + 777)
+        self.nginx.add("rresume.bin", data)
+        ranges = wanted_ranges.chunk_like(len(data), seed=25, mean=64 * 1024, missing=0.5, run=4)
+        canon = wanted_ranges.canonical(ranges)
+        wanted_ranges.prefill(self.out, len(data))
+        args = self.fetch_args(self.nginx.plain_url("slow", "rresume.bin"), len(data)) + self.ranges_args(ranges)
+        p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        written = 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and written < 6 * MIB:
+            time.sleep(0.1)
+            try:
+                with open(self.state) as f:
+                    written = int(re.search(r"^written=(\d+)$", f.read(), re.M).group(1))
+            except (OSError, AttributeError):
+                pass
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        with open(self.state) as f:
+            record = f.read()
+        written = int(re.search(r"^written=(\d+)$", record, re.M).group(1))
+        self.assertGreaterEqual(written, 6 * MIB)
+        self.assertIn("ranges_sha256=%s\n" % wanted_ranges.identity(ranges), record, "the record names the set")
+        below = sum(max(0, min(o + n, written) - o) for o, n in canon)
+        self.assertLess(below, wanted_ranges.total(ranges), "killed before the end")
+
+        r = self.fetch_ranges(self.nginx.plain_url("files", "rresume.bin"), data, ranges, prefill=False)
+        self.assert_ranges_written(r, data, ranges)
+        self.assertEqual(int(r["resumed_from"]), written)
+        self.assertEqual(int(r["bytes_resumed"]), below, "every wanted byte below the record's mark counts")
+        first = self.nginx.log("rresume.bin")[-int(r["requests"])]
+        self.assertTrue(first[0].startswith("bytes=%d-" % written), "resumed at the mark: %s" % first[0][:40])
+
+    def ranges_record(self, ranges, written, offset, size, boot=None):
+        sig = hashlib.sha256(b"MEQCIF2Q==").hexdigest()
+        body = ("# otad HTTPS download progress\nversion=3\njob_id=AFR_OTA-http-test\nfile_index=0\nsize=%d\n"
+                "signature_sha256=%s\nranges_sha256=%s\nboot_id=%s\nwritten=%d\noffset=%d\n"
+                % (size, sig, wanted_ranges.identity(ranges), boot or boot_id(), written, offset))
+        return body + "checksum=%s\n" % hashlib.sha256(body.encode()).hexdigest()
+
+    def test_ranges_progress_record_identity(self):
+        data = os.urandom(2 * MIB)
+        self.nginx.add("rident.bin", data)
+        size = len(data)
+        ranges = [(0, 100000), (MIB, 200000), (MIB + 300000, 1000)]
+        other = [(0, 100000), (MIB, 200000), (MIB + 300000, 1001)]
+        below = lambda mark: sum(max(0, min(o + n, mark) - o) for o, n in ranges)  # noqa: E731
+        cases = [
+            ("this boot: the bytes written", self.ranges_record(ranges, MIB + 100000, 50000, size), MIB + 100000),
+            ("another boot (a power cut): the synced ones",
+             self.ranges_record(ranges, MIB + 100000, 50000, size, boot="0" * 31 + "1"), 50000),
+            ("another set", self.ranges_record(other, MIB + 100000, MIB + 100000, size), 0),
+            ("a record of the whole file", self.record(MIB, size=size, written=MIB), 0),
+        ]
+        for name, text, want in cases:
+            with self.subTest(name):
+                # The target holds the wanted bytes a record may count.
+                wanted_ranges.prefill(self.out, size)
+                with open(self.out, "r+b") as f:
+                    for o, n in ranges:
+                        f.seek(o)
+                        f.write(data[o:o + n])
+                with open(self.state, "w") as f:
+                    f.write(text)
+                r = self.fetch_ranges(self.nginx.plain_url("files", "rident.bin"), data, ranges, prefill=False)
+                self.assert_ranges_written(r, data, ranges)
+                self.assertEqual(int(r["resumed_from"]), want)
+                self.assertEqual(int(r["bytes_resumed"]), below(want))
+        # And a record of ranges is none of the whole file.
+        with open(self.state, "w") as f:
+            f.write(self.ranges_record(ranges, MIB, MIB, size))
+        r = self.fetch(self.nginx.url("files", "rident.bin"), size)
+        self.assertEqual((r["rc"], int(r["resumed_from"])), (0, 0))
+        self.assertBitExact(data)
+
+    def test_ranges_expired_url_mid_download(self):
+        data = os.urandom(3 * MIB)
+        ranges = wanted_ranges.chunk_like(len(data), seed=26, mean=16 * 1024, missing=0.5, run=3)
+        s = RangesServer(self.dir, data, ["cut:300000", "multipart"])
+        self.servers.append(s)
+        r = self.fetch_ranges(s.url(), data, ranges, fresh_urls=s.url)
+        self.assert_ranges_written(r, data, ranges)
+        self.assertEqual((r["asked"], int(r["url_refreshes"])), (1, 1))
+        self.assertIn(403, [e[2] for e in s.log], "the old URL was refused after the cut")
+        self.assertEqual(int(r["bytes_written"]), wanted_ranges.total(ranges), "nothing written twice")
+
+    def test_ranges_size_mismatch(self):
+        data = os.urandom(2 * MIB)
+        self.nginx.add("rshort.bin", data[:MIB])
+        for ranges in ([(100, 1000), (MIB + 5, 10)], [(100, 1000)]):
+            with self.subTest(len(ranges)):
+                r = self.fetch_ranges(self.nginx.plain_url("files", "rshort.bin"), data, ranges)
+                self.assertEqual(r["rc"], 1)
+                self.assertIn("server has %d bytes, filesize is %d" % (MIB, 2 * MIB), r["reason"])
+
+    def test_ranges_empty_set(self):
+        data = os.urandom(100000)
+        r = self.fetch_ranges("https://127.0.0.1:1/nothing?t=1", data, [])
+        self.assertEqual((r["rc"], int(r["requests"]), int(r["writes"])), (0, 0, 0))
 
     # --- throughput, for the report ------------------------------------------
 

@@ -4,6 +4,9 @@ session to the local AWS IoT stand-in (tests/standin): the bytes that land
 must be the stream file's bytes whatever the service does to the blocks,
 rejections end the transfer with the documented reason, and a kill -9
 mid-way costs at most one request window plus one checkpoint interval.
+With wanted ranges (StreamRangesTest): only the wanted bytes are written,
+the GetStream bitmaps name exactly the blocks that hold them, and a kill -9
+costs at most one window and one record interval of them.
 
 Run: /usr/bin/python3 tests/standin/tap.py tests/integration/test_stream_fetch.py
 (OTAD_BUILD_ROOT names the meson build directory.)
@@ -21,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import harness  # noqa: E402
 import streams as streams_mod  # noqa: E402
+import wanted_ranges  # noqa: E402
 
 BUILD = os.environ.get("OTAD_BUILD_ROOT", os.path.join(os.path.dirname(__file__), "../../build"))
 FETCH = os.path.join(BUILD, "tests", "stream-fetch")
@@ -30,6 +34,14 @@ SIG = "MEQCIF2QDvww1G/kpRGZ8FYvQrok1bSZvXjXefRk7sqNcyPTAiB4dvGt8fozIY5NC0vUDJ2MY
 RESULT_RE = re.compile(r"^stream-fetch: result=(-?\d+) reason=(.*?) blocks_received=(\d+) blocks_resumed=(\d+) "
                        r"duplicates=(\d+) bad_blocks=(\d+) requests=(\d+) timeouts=(\d+) rejections=(\d+) "
                        r"block_size=(\d+)$", re.M)
+
+
+def parse_bytes(text):
+    """The second result line: bytes_wanted=... bytes_outside=... as ints."""
+    m = re.search(r"^stream-fetch: (bytes_wanted=.*)$", text, re.M)
+    if not m:
+        raise AssertionError("no bytes line in:\n" + text[-3000:])
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
 
 
 def parse_result(text):
@@ -247,7 +259,11 @@ class StreamFetchTest(StreamFetchBase):
         stream_id, data = self.make_stream(256 * KIB)
         self.reject_requests("RequestThrottled", "Rate exceeded", 3)
         t0 = time.monotonic()
-        r = self.fetch(self.argv(stream_id, len(data)))
+        # Two requests a second: each rejection is back before the next
+        # request leaves, also on a loaded machine (at 100 a second a second
+        # request could leave first, and its rejection then rightly counts
+        # as the same news, not as another back-off).
+        r = self.fetch(self.argv(stream_id, len(data), ota={"max_requests_per_second": 2}))
         self.assertEqual(r["result"], 0, r["reason"])
         self.assert_file(data)
         self.assertEqual(r["rejections"], 3)
@@ -342,6 +358,182 @@ class StreamReconnectTest(StreamFetchBase):
         self.assertEqual(r["result"], 0, r["reason"] + err[-2000:])
         self.assert_file(data)
         self.assertGreater(r["blocks_received"], 0)
+
+
+class StreamRangesTest(StreamFetchBase):
+    """Wanted ranges (download.h): the transport half of adaptive updates."""
+
+    def ranges_argv(self, stream_id, size, ranges, **kw):
+        path = os.path.join(self.dir, "ranges-%d" % time.monotonic_ns())
+        wanted_ranges.write_file(path, ranges)
+        return self.argv(stream_id, size, **kw) + ["--ranges", path]
+
+    def fetch_ranges(self, argv, timeout=120):
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        with open(os.path.join(self.dir, "fetch-%d.log" % time.monotonic_ns()), "w") as f:
+            f.write(p.stderr)
+        r = parse_result(p.stdout)
+        r.update(parse_bytes(p.stdout))
+        self.assertEqual(p.returncode, 0 if r["result"] == 0 else 1, p.stdout)
+        r["stderr"] = p.stderr
+        return r
+
+    def asked(self):
+        """Per GetStream request of this thing: the blocks its bitmap names."""
+        out = []
+        for q in self.service.record.requests(self.thing, "streams/get"):
+            f = q["fields"]
+            b = bytes.fromhex(f["b"])
+            out.append((f, [f["o"] + k for k in range(len(b) * 8) if b[k >> 3] & (1 << (k & 7))]))
+        return out
+
+    def assert_request_shape(self):
+        for f, blocks in self.asked():
+            self.assertEqual(f["n"], len(blocks), "n is the number of blocks asked for")
+            self.assertLessEqual(f["n"] * f["l"], 128 * KIB, "at most 128 KiB per request")
+            self.assertLess(len(bytes.fromhex(f["b"])), 12288)
+            self.assertTrue(blocks and blocks[0] == f["o"] and blocks[-1] < f["o"] + 8 * len(bytes.fromhex(f["b"])))
+            self.assertNotIn("rejected", f)
+
+    def test_only_wanted_bytes_from_exactly_the_covering_blocks(self):
+        size = 3 * MIB + 777
+        stream_id, data = self.make_stream(size)
+        # Chunk-like ranges, touching ones among them, and the file's last byte.
+        ranges = wanted_ranges.chunk_like(size - 8192, seed=11, mean=12 * KIB, missing=0.3, run=2)
+        ranges.append((size - 1, 1))
+        wanted_ranges.prefill(self.out, size)
+        r = self.fetch_ranges(self.ranges_argv(stream_id, size, ranges, ota={"block_size": 32768}))
+        self.assertEqual(r["result"], 0, r["reason"])
+        wanted_ranges.check_file(self, self.out, data, ranges)
+        self.assertEqual((r["bytes_outside"], r["bytes_twice"]), (0, 0), "download.h's write contract")
+        want = wanted_ranges.total(ranges)
+        self.assertEqual((r["bytes_wanted"], r["bytes_written"], r["bytes_resumed"]), (want, want, 0))
+        block = r["block_size"]
+        self.assertIn(block, (4096, 8192, 16384, 32768), "a power of two from the floor to the configured size")
+        blocks, cover_bytes = wanted_ranges.cover(ranges, size, block)
+        asked = [b for _, bl in self.asked() for b in bl]
+        self.assertEqual(sorted(asked), sorted(blocks), "the bitmaps name exactly the covering blocks, each once")
+        self.assert_request_shape()
+        self.assertEqual(len(self.data_messages()), len(blocks))
+        self.assertEqual(self.service.record.bytes_served(self.thing, "mqtt"), cover_bytes)
+        self.assertEqual(r["bytes_fetched"], cover_bytes)
+        wire = sum(e["size"] for e in self.data_messages())
+        self.assertEqual(r["bytes_on_wire"], wire, "the data messages as the stand-in sent them")
+        sys.stdout.write("# %d bytes wanted in %d ranges: %d-byte blocks fetch %d bytes (%.3f x), %d with CBOR\n"
+                         % (want, len(wanted_ranges.canonical(ranges)), block, cover_bytes, cover_bytes / want, wire))
+
+    def test_sparse_wants_fill_each_request(self):
+        # One byte every 64 KiB: 96 blocks far apart, 32 (128 KiB) per request.
+        size = 6 * MIB
+        stream_id, data = self.make_stream(size)
+        ranges = [(i * 64 * KIB + 1000, 1) for i in range(96)]
+        r = self.fetch_ranges(self.ranges_argv(stream_id, size, ranges, ota={"block_size": 4096}))
+        self.assertEqual(r["result"], 0, r["reason"])
+        self.assertEqual(r["block_size"], 4096)
+        asked = self.asked()
+        self.assertEqual(len(asked), 3, "96 wanted blocks in three requests of 32")
+        for f, blocks in asked:
+            self.assertEqual(f["n"], 32)
+            self.assertGreater(len(bytes.fromhex(f["b"])), 32 // 8, "one bitmap spans the sparse blocks")
+        self.assert_request_shape()
+        with open(self.out, "rb") as f:
+            got = f.read()
+        for off, _ in ranges:
+            self.assertEqual(got[off], data[off])
+
+    def test_faults_with_ranges(self):
+        size = 2 * MIB
+        stream_id, data = self.make_stream(size)
+        ranges = wanted_ranges.chunk_like(size, seed=3, mean=8 * KIB, missing=0.4, run=3)
+        self.service.set_faults(self.thing, stream_id, drop=0.05, duplicate=0.05, reorder=0.3, corrupt_size=0.03,
+                                bad_index=0.03, wrong_file=0.03, seed=9)
+        wanted_ranges.prefill(self.out, size)
+        r = self.fetch_ranges(self.ranges_argv(stream_id, size, ranges, ota={"block_size": 4096}))
+        self.assertEqual(r["result"], 0, r["reason"])
+        wanted_ranges.check_file(self, self.out, data, ranges)
+        self.assertEqual((r["bytes_outside"], r["bytes_twice"]), (0, 0))
+        self.assertGreater(r["duplicates"], 0)
+        self.assertGreater(r["bad_blocks"], 0)
+        blocks, _ = wanted_ranges.cover(ranges, size, 4096)
+        for _, bl in self.asked():
+            self.assertTrue(set(bl) <= blocks, "re-requests name wanted blocks only")
+
+    def test_block_size_out_of_bounds_halves_with_ranges(self):
+        streams_mod.MAX_BLOCK = 8192
+        size = 1 * MIB + 100
+        stream_id, data = self.make_stream(size)
+        # Long ranges: the configured 32 KiB fits them, the service refuses it.
+        ranges = [(5000, 200 * KIB), (300 * KIB, 300 * KIB), (size - 50 * KIB, 50 * KIB)]
+        wanted_ranges.prefill(self.out, size)
+        r = self.fetch_ranges(self.ranges_argv(stream_id, size, ranges, ota={"block_size": 32768}))
+        self.assertEqual(r["result"], 0, r["reason"])
+        self.assertEqual(r["block_size"], 8192)
+        wanted_ranges.check_file(self, self.out, data, ranges)
+        self.assertEqual((r["bytes_outside"], r["bytes_twice"]), (0, 0))
+        sizes = [f["l"] for f, _ in self.asked()]
+        self.assertEqual((sizes[0], sizes[-1]), (32768, 8192))
+
+    def test_kill9_resumes_without_fetching_written_blocks_again(self):
+        size = 8 * MIB
+        stream_id, data = self.make_stream(size)
+        ranges = wanted_ranges.chunk_like(size, seed=5, mean=24 * KIB, missing=0.5, run=4)
+        # 4 KiB blocks, 20 requests/s: about 2.5 s for the wanted half.
+        argv = self.ranges_argv(stream_id, size, ranges, ota={"block_size": 4096, "max_requests_per_second": 20})
+        blocks, _ = wanted_ranges.cover(ranges, size, 4096)
+        wanted_ranges.prefill(self.out, size)
+        for kill_at in (1 * MIB, 2500 * KIB):
+            p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            try:
+                self.assertTrue(self.service.record.wait_until(
+                    lambda rec: rec.bytes_served(self.thing, "mqtt") >= kill_at, 60))
+            finally:
+                p.kill()
+                p.wait()
+        r = self.fetch_ranges(argv)
+        self.assertEqual(r["result"], 0, r["reason"])
+        wanted_ranges.check_file(self, self.out, data, ranges)
+        self.assertEqual((r["bytes_outside"], r["bytes_twice"]), (0, 0))
+        self.assertGreater(r["bytes_resumed"], 0)
+        self.assertEqual(r["bytes_resumed"] + r["bytes_written"], wanted_ranges.total(ranges))
+        asked = [b for _, bl in self.asked() for b in bl]
+        self.assertTrue(set(asked) <= blocks, "nothing unwanted asked for, before or after the kills")
+        rework = len(self.data_messages()) - len(blocks)
+        # Per kill at most one window in flight (4 requests of 32 blocks)
+        # and the blocks since the last record of written blocks (one
+        # request's worth, download.h).
+        per_kill = 4 * 32 + 32
+        self.assertLessEqual(rework, 2 * per_kill, "re-fetched %d blocks" % rework)
+        sys.stdout.write("# ranges, kill -9 twice: %d of %d wanted blocks served again\n" % (rework, len(blocks)))
+
+    def test_record_of_another_set_is_discarded(self):
+        size = 512 * KIB
+        stream_id, data = self.make_stream(size)
+        a = [(0, 10000), (100 * KIB, 50 * KIB)]
+        b = [(0, 10000), (100 * KIB, 50 * KIB + 1)]
+        r = self.fetch_ranges(self.ranges_argv(stream_id, size, a, ota={"block_size": 4096}))
+        self.assertEqual(r["result"], 0, r["reason"])
+        r = self.fetch_ranges(self.ranges_argv(stream_id, size, b, ota={"block_size": 4096}))
+        self.assertEqual(r["result"], 0, r["reason"])
+        self.assertEqual(r["bytes_resumed"], 0, "a record of another set is not resumed")
+        self.assertIn("Discarding progress record", r["stderr"])
+        before = len(self.data_messages())
+        r = self.fetch_ranges(self.ranges_argv(stream_id, size, b, ota={"block_size": 4096}))
+        self.assertEqual(r["result"], 0, r["reason"])
+        self.assertEqual((r["bytes_resumed"], r["bytes_written"]), (wanted_ranges.total(b), 0))
+        self.assertEqual(len(self.data_messages()), before, "complete record: nothing fetched")
+        # The whole file after a record of ranges: starts over.
+        r = self.fetch(self.argv(stream_id, size))
+        self.assertEqual((r["result"], r["blocks_resumed"]), (0, 0))
+        self.assert_file(data)
+
+    def test_empty_set_finishes_at_once(self):
+        size = 100 * KIB
+        stream_id, _ = self.make_stream(size)
+        wanted_ranges.prefill(self.out, size)
+        r = self.fetch_ranges(self.ranges_argv(stream_id, size, []))
+        self.assertEqual((r["result"], r["bytes_wanted"], r["writes"], r["requests"]), (0, 0, 0, 0))
+        self.assertEqual(self.asked(), [])
+        wanted_ranges.check_file(self, self.out, bytes(size), [])
 
 
 if __name__ == "__main__":
