@@ -959,7 +959,10 @@ static int load_progress(struct stream_download *d, uint32_t block_size) {
                 r = blockmap_load(d->file.state_path, &d->file, d->boot_id, &m, &durable);
                 if (r == -ESTALE || r == -EBADMSG)
                         log_job(LOG_INFO, d->file.job_id, "download", "Discarding progress record %s: %s",
-                                d->file.state_path, r == -ESTALE ? "it belongs to another job or file" : "damaged");
+                                d->file.state_path,
+                                r == -EBADMSG ? "damaged"
+                                : d->wanted   ? "it belongs to another job, file or set of wanted ranges"
+                                              : "it belongs to another job or file");
                 else if (r < 0 && r != -ENOENT)
                         log_job_errno(LOG_WARNING, r, d->file.job_id, "download",
                                       "Failed to read progress record %s: %m, starting over", d->file.state_path);
