@@ -35,6 +35,12 @@ struct images {
  * images for one target) with a sentence in detail. */
 int images_plan(struct images *images, const struct otad_config *config, const struct ota_document *doc,
                 char *detail, size_t detail_size) _warn_unused_result_;
+/* The one image of an update bundle (bundle_job.h): all of doc's files
+ * make it, the manifest's route (files[0]'s filepath and fileType) picks
+ * its target, and its size is the manifest's image_size, set once the
+ * manifest is read. */
+int images_plan_bundle(struct images *images, const struct otad_config *config, const struct ota_document *doc,
+                       char *detail, size_t detail_size) _warn_unused_result_;
 /* Creates the installer of each image; nothing is opened yet. */
 int images_open(struct images *images, struct otad *otad, const char *job_id) _warn_unused_result_;
 /* Closes the installers; abort: they remove what they wrote (partial files,

@@ -43,8 +43,11 @@ struct state_record {
         unsigned n_files;
         unsigned n_images;   /* files grouped into images (parts of one image) */
         unsigned activated;  /* images already made to take effect, in plan order */
-        uint64_t done;       /* bytes received over all files */
+        uint64_t done;       /* bytes received over all files (a bundle: the payload
+                              * bytes no longer to fetch, fetched or reused) */
         uint64_t total;      /* bytes of all files */
+        uint64_t fetched;    /* a bundle: payload bytes fetched by this run */
+        uint64_t reused;     /* a bundle: image bytes copied from the active slot */
         char protocol[8];    /* "mqtt" or "http" */
         char targets[256];   /* the job's target names, comma-separated */
         char target[64];     /* the ab target, "" when the job has none */

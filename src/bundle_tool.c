@@ -21,6 +21,7 @@
 #include "bundle_chunker.h"
 #include "bundle_manifest.h"
 #include "bundle_tool.h"
+#include "delta.h"
 #include "fileio.h"
 #include "macro.h"
 #include "payload_decoder.h"
@@ -38,6 +39,7 @@ static inline void cJSONp(cJSON **p) { cJSON_Delete(*p); }
 static inline void zckp(zckCtx **p) { zck_free(p); }
 static inline void manifestp(struct bundle_manifest **p) { bundle_manifest_free(*p); }
 static inline void decoderp(struct payload_decoder **p) { payload_decoder_free(*p); }
+static inline void planp(struct delta_plan **p) { delta_plan_free(*p); }
 static inline void closedirp(DIR **p) {
         if (*p)
                 closedir(*p);
@@ -60,7 +62,7 @@ static int error(const char *format, ...) {
 static void usage(FILE *f) {
         fprintf(f,
                 "Usage: otad bundle create --key KEY --cert CERT --version V --compatible C [OPTIONS] IMAGE OUTDIR\n"
-                "       otad bundle inspect [--json] MANIFEST|DIR\n"
+                "       otad bundle inspect [--json] [--previous OLD] MANIFEST|DIR\n"
                 "       otad bundle verify --cert CERT DIR\n"
                 "\n"
                 "Builds and checks update bundles for otad (see otad-bundle(1)).\n"
@@ -80,7 +82,9 @@ static void usage(FILE *f) {
                 "  --protocol P        MQTT and/or HTTP (repeatable; default MQTT)\n"
                 "  --target ARN        thing or thing group (repeatable)\n"
                 "  --role-arn ARN      role of the OTA update\n"
-                "  --ota-update-id ID  default: otad-C-V with [^A-Za-z0-9_-] as _\n");
+                "  --ota-update-id ID  default: otad-C-V with [^A-Za-z0-9_-] as _\n"
+                "  --previous OLD      report how many of the image's chunks are new compared with the bundle\n"
+                "                      OLD (its directory or manifest): what a device running it fetches\n");
 }
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -223,6 +227,147 @@ static bool text_ok(const char *s, bool id) {
         return true;
 }
 
+/* DIR's one *.manifest, or FILE itself. */
+static int find_manifest(const char *path, char **ret) {
+        _cleanup_(closedirp) DIR *d = NULL;
+        struct dirent *de;
+        struct stat st;
+        char *found = NULL;
+
+        if (stat(path, &st) < 0)
+                return error("cannot read %s: %m", path);
+        if (!S_ISDIR(st.st_mode)) {
+                *ret = strdup(path);
+                return *ret ? 0 : error("out of memory");
+        }
+        d = opendir(path);
+        if (!d)
+                return error("cannot read directory %s: %m", path);
+        while ((de = readdir(d))) {
+                size_t len = strlen(de->d_name);
+
+                if (len <= 9 || strcmp(de->d_name + len - 9, ".manifest") != 0)
+                        continue;
+                if (found) {
+                        free(found);
+                        return error("%s holds more than one *.manifest", path);
+                }
+                found = path_join(path, de->d_name);
+                if (!found)
+                        return error("out of memory");
+        }
+        if (!found)
+                return error("%s holds no *.manifest", path);
+        *ret = found;
+        return 0;
+}
+
+static int load_manifest(const char *path, struct bundle_manifest **ret, char **ret_text, size_t *ret_size) {
+        _cleanup_free_ char *text = NULL;
+        char err[256] = "";
+        size_t size = 0;
+        int r;
+
+        r = read_file_full(path, BUNDLE_MANIFEST_MAX, &text, &size);
+        if (r == -EFBIG)
+                return error("%s is larger than a manifest can be (%d bytes)", path, BUNDLE_MANIFEST_MAX);
+        if (r < 0) {
+                errno = -r;
+                return error("cannot read %s: %m", path);
+        }
+        r = bundle_manifest_parse(text, size, ret, err, sizeof(err));
+        if (r < 0)
+                return error("%s: %s", path, err);
+        if (ret_text)
+                *ret_text = take_ptr(&text);
+        if (ret_size)
+                *ret_size = size;
+        return 0;
+}
+
+/* ---- comparing with a previous bundle ----------------------------------- */
+
+/* The verified payload header of the bundle whose manifest is at path: its
+ * first header_size bytes, from the part files beside it. */
+static int load_header(const char *path, const struct bundle_manifest *m, struct payload_decoder **ret) {
+        _cleanup_(decoderp) struct payload_decoder *d = NULL;
+        _cleanup_free_ char *copy = strdup(path);
+        _cleanup_free_ uint8_t *buf = malloc(m->header_size);
+        const char *dir = copy ? dirname(copy) : NULL;
+        uint64_t done = 0;
+        int r;
+
+        if (!dir || !buf || payload_decoder_new(m, NULL, NULL, &d) < 0)
+                return error("out of memory");
+        /* A part may be smaller than the header. */
+        for (size_t i = 0; i < m->n_parts && done < m->header_size; i++) {
+                _cleanup_free_ char *part = path_join(dir, m->parts[i].file);
+                _cleanup_close_ int fd = -1;
+                uint64_t len = m->header_size - done < m->parts[i].size ? m->header_size - done : m->parts[i].size;
+
+                if (!part)
+                        return error("out of memory");
+                fd = open(part, O_RDONLY | O_CLOEXEC);
+                if (fd < 0)
+                        return error("cannot read part %s: %m", part);
+                r = pread_all(fd, buf + done, (size_t) len, 0);
+                if (r < 0) {
+                        errno = -r;
+                        return error("cannot read part %s: %m", part);
+                }
+                done += len;
+        }
+        if (payload_decoder_feed(d, buf, m->header_size) < 0)
+                return error("%s: payload header: %s", path, payload_decoder_error(d));
+        *ret = take_ptr(&d);
+        return 0;
+}
+
+/* What a device running old's image would fetch of new: each of new's
+ * chunks looked up among old's uncompressed checksums, as delta_scan()
+ * looks them up among the pieces of the active slot it cuts. The same
+ * result as a scan when both were cut with the same parameters, which is
+ * why a change of them is pointed out. */
+static int compare_previous(const char *path, const struct bundle_manifest *m, const char *old_path,
+                            const struct bundle_manifest *old, struct delta_stats *ret) {
+        _cleanup_(decoderp) struct payload_decoder *d = NULL, *old_d = NULL;
+        _cleanup_(planp) struct delta_plan *plan = NULL;
+        struct payload_chunk c;
+
+        if (load_header(path, m, &d) < 0 || load_header(old_path, old, &old_d) < 0)
+                return -1;
+        if (delta_plan_new(m, d, &plan) < 0)
+                return error("out of memory");
+        for (uint32_t i = 0; i < payload_decoder_chunk_count(old_d); i++) {
+                if (payload_decoder_chunk(old_d, i, &c) < 0)
+                        return error("%s: chunk %u of the index unreadable", old_path, i);
+                (void) delta_plan_match(plan, c.sha256_uncompressed, c.image_size, c.image_offset);
+        }
+        *ret = *delta_plan_stats(plan);
+        return 0;
+}
+
+static bool same_chunking(const struct bundle_manifest *a, const struct bundle_manifest *b) {
+        return strcmp(a->chunking.algorithm, b->chunking.algorithm) == 0 &&
+               a->chunking.min_size == b->chunking.min_size && a->chunking.mask_bits == b->chunking.mask_bits &&
+               a->chunking.max_size == b->chunking.max_size;
+}
+
+static void print_previous(const struct bundle_manifest *m, const struct bundle_manifest *old,
+                           const struct delta_stats *s, const char *indent) {
+        printf("%sfrom %s: %u of %u chunks new, %.1f MB of the image; a device running %s fetches %.1f MB "
+               "of the payload (%.1f %%), %u chunks (%.1f MB) it has\n",
+               indent, old->version, s->fetch_chunks, s->chunks, (double) s->fetch_image_bytes / 1e6, old->version,
+               (double) s->fetch_payload_bytes / 1e6,
+               s->payload_bytes ? 100.0 * (double) s->fetch_payload_bytes / (double) s->payload_bytes : 0.0,
+               s->active_chunks, (double) s->active_bytes / 1e6);
+        if (!same_chunking(m, old))
+                printf("%snote: %s was cut with other chunking parameters (%s %u/%u/%u): its chunks rarely match; "
+                       "a device cuts its slot the way this bundle says, so expect it to find more\n",
+                       indent, old->version, old->chunking.algorithm, old->chunking.min_size, old->chunking.mask_bits,
+                       old->chunking.max_size);
+}
+
 /* ---- create ------------------------------------------------------------- */
 
 struct create_args {
@@ -235,6 +380,7 @@ struct create_args {
         uint64_t part_size;
         int level;
         const char *image, *outdir;
+        const char *previous;  /* a bundle's directory or manifest */
 };
 
 /* Compresses the image into a zchunk payload at path: otad's chunk
@@ -545,7 +691,7 @@ static int parse_size(const char *s, uint64_t *ret) {
 
 static int cmd_create(int argc, char *argv[]) {
         enum { KEY = 0x100, CERT, CERT_NAME, VERSION, COMPATIBLE, NAME, PART_SIZE, LEVEL, BUCKET, PREFIX,
-               STREAM_ID, PROTOCOL, TARGET, ROLE_ARN, OTA_UPDATE_ID };
+               STREAM_ID, PROTOCOL, TARGET, ROLE_ARN, OTA_UPDATE_ID, PREVIOUS };
         static const struct option options[] = {
                 { "key", required_argument, NULL, KEY },
                 { "cert", required_argument, NULL, CERT },
@@ -562,15 +708,18 @@ static int cmd_create(int argc, char *argv[]) {
                 { "target", required_argument, NULL, TARGET },
                 { "role-arn", required_argument, NULL, ROLE_ARN },
                 { "ota-update-id", required_argument, NULL, OTA_UPDATE_ID },
+                { "previous", required_argument, NULL, PREVIOUS },
                 { "help", no_argument, NULL, 'h' },
                 {}
         };
         struct create_args a = { .part_size = BUNDLE_PART_SIZE_MAX, .level = 9 };
         _cleanup_(EVP_PKEYp) EVP_PKEY *key = NULL;
         _cleanup_(X509p) X509 *cert = NULL;
-        _cleanup_(manifestp) struct bundle_manifest *m = NULL;
+        _cleanup_(manifestp) struct bundle_manifest *m = NULL, *previous = NULL;
+        _cleanup_(decoderp) struct payload_decoder *previous_header = NULL;
         _cleanup_free_ char *name = NULL, *cert_name = NULL, *payload = NULL, *manifest_file = NULL,
-                            *manifest_path = NULL, *manifest_text = NULL, *upload = NULL;
+                            *manifest_path = NULL, *manifest_text = NULL, *upload = NULL, *previous_path = NULL;
+        struct delta_stats delta = {};
         char **sigs = NULL;
         struct stat st;
         uint64_t v;
@@ -620,6 +769,7 @@ static int cmd_create(int argc, char *argv[]) {
                                 return error("--ota-update-id %s is not 1-128 characters of [A-Za-z0-9_-]", optarg);
                         a.ota_update_id = optarg;
                         break;
+                case PREVIOUS: a.previous = optarg; break;
                 case 'h':
                         usage(stdout);
                         return 0;
@@ -674,6 +824,11 @@ static int cmd_create(int argc, char *argv[]) {
                              (unsigned long long) st.st_size, (unsigned long long) BUNDLE_IMAGE_SIZE_MAX);
         if (S_ISREG(st.st_mode) && st.st_size == 0)
                 return error("image %s is empty", a.image);
+        /* A --previous that cannot be read fails before the compression. */
+        if (a.previous && (find_manifest(a.previous, &previous_path) < 0 ||
+                           load_manifest(previous_path, &previous, NULL, NULL) < 0 ||
+                           load_header(previous_path, previous, &previous_header) < 0))
+                return -1;
         if (prepare_outdir(a.outdir) < 0)
                 return -1;
 
@@ -768,6 +923,11 @@ static int cmd_create(int argc, char *argv[]) {
                m->chunk_count);
         printf("  manifest  %s, then ota-update.json%s and upload.sh\n", manifest_file,
                a.stream_id ? ", create-stream.json" : "");
+        if (previous) {
+                if (compare_previous(manifest_path, m, previous_path, previous, &delta) < 0)
+                        return -1;
+                print_previous(m, previous, &delta, "  previous  ");
+        }
         if (!a.bucket || !a.role_arn || a.n_targets == 0)
                 printf("Placeholders left for --bucket, --role-arn or --target: edit ota-update.json or pass them.\n");
         printf("\n%s", upload);
@@ -776,72 +936,34 @@ static int cmd_create(int argc, char *argv[]) {
 
 /* ---- inspect and verify ------------------------------------------------- */
 
-/* DIR's one *.manifest, or FILE itself. */
-static int find_manifest(const char *path, char **ret) {
-        _cleanup_(closedirp) DIR *d = NULL;
-        struct dirent *de;
-        struct stat st;
-        char *found = NULL;
+/* The comparison as inspect --json adds it to the manifest, as "previous". */
+static int add_previous_json(cJSON *root, const struct bundle_manifest *m, const struct bundle_manifest *old,
+                             const struct delta_stats *s) {
+        cJSON *o = cJSON_AddObjectToObject(root, "previous");
 
-        if (stat(path, &st) < 0)
-                return error("cannot read %s: %m", path);
-        if (!S_ISDIR(st.st_mode)) {
-                *ret = strdup(path);
-                return *ret ? 0 : error("out of memory");
-        }
-        d = opendir(path);
-        if (!d)
-                return error("cannot read directory %s: %m", path);
-        while ((de = readdir(d))) {
-                size_t len = strlen(de->d_name);
-
-                if (len <= 9 || strcmp(de->d_name + len - 9, ".manifest") != 0)
-                        continue;
-                if (found) {
-                        free(found);
-                        return error("%s holds more than one *.manifest", path);
-                }
-                found = path_join(path, de->d_name);
-                if (!found)
-                        return error("out of memory");
-        }
-        if (!found)
-                return error("%s holds no *.manifest", path);
-        *ret = found;
-        return 0;
-}
-
-static int load_manifest(const char *path, struct bundle_manifest **ret, char **ret_text, size_t *ret_size) {
-        _cleanup_free_ char *text = NULL;
-        char err[256] = "";
-        size_t size = 0;
-        int r;
-
-        r = read_file_full(path, BUNDLE_MANIFEST_MAX, &text, &size);
-        if (r == -EFBIG)
-                return error("%s is larger than a manifest can be (%d bytes)", path, BUNDLE_MANIFEST_MAX);
-        if (r < 0) {
-                errno = -r;
-                return error("cannot read %s: %m", path);
-        }
-        r = bundle_manifest_parse(text, size, ret, err, sizeof(err));
-        if (r < 0)
-                return error("%s: %s", path, err);
-        if (ret_text)
-                *ret_text = take_ptr(&text);
-        if (ret_size)
-                *ret_size = size;
+        if (!o || !cJSON_AddStringToObject(o, "version", old->version) ||
+            !cJSON_AddBoolToObject(o, "same_chunking", same_chunking(m, old)) ||
+            !cJSON_AddNumberToObject(o, "chunks", s->chunks) ||
+            !cJSON_AddNumberToObject(o, "new_chunks", s->fetch_chunks) ||
+            !cJSON_AddNumberToObject(o, "new_image_bytes", (double) s->fetch_image_bytes) ||
+            !cJSON_AddNumberToObject(o, "fetch_payload_bytes", (double) s->fetch_payload_bytes) ||
+            !cJSON_AddNumberToObject(o, "reused_chunks", s->active_chunks) ||
+            !cJSON_AddNumberToObject(o, "reused_image_bytes", (double) s->active_bytes))
+                return -ENOMEM;
         return 0;
 }
 
 static int cmd_inspect(int argc, char *argv[]) {
         static const struct option options[] = {
                 { "json", no_argument, NULL, 'j' },
+                { "previous", required_argument, NULL, 'p' },
                 { "help", no_argument, NULL, 'h' },
                 {}
         };
-        _cleanup_(manifestp) struct bundle_manifest *m = NULL;
-        _cleanup_free_ char *path = NULL, *text = NULL;
+        _cleanup_(manifestp) struct bundle_manifest *m = NULL, *old = NULL;
+        _cleanup_free_ char *path = NULL, *text = NULL, *old_path = NULL;
+        const char *previous = NULL;
+        struct delta_stats delta = {};
         bool json = false;
         char hex[65];
         int c;
@@ -849,6 +971,7 @@ static int cmd_inspect(int argc, char *argv[]) {
         while ((c = getopt_long(argc, argv, "h", options, NULL)) >= 0)
                 switch (c) {
                 case 'j': json = true; break;
+                case 'p': previous = optarg; break;
                 case 'h': usage(stdout); return 0;
                 default: return -1;
                 }
@@ -858,10 +981,23 @@ static int cmd_inspect(int argc, char *argv[]) {
         }
         if (find_manifest(argv[optind], &path) < 0 || load_manifest(path, &m, NULL, NULL) < 0)
                 return -1;
+        if (previous && (find_manifest(previous, &old_path) < 0 || load_manifest(old_path, &old, NULL, NULL) < 0 ||
+                         compare_previous(path, m, old_path, old, &delta) < 0))
+                return -1;
         if (json) {
+                _cleanup_(cJSONp) cJSON *root = NULL;
+                _cleanup_free_ char *out = NULL;
+
                 if (bundle_manifest_format(m, &text) < 0)
                         return error("out of memory");
-                fputs(text, stdout);
+                if (!old) {
+                        fputs(text, stdout);
+                        return 0;
+                }
+                root = cJSON_Parse(text);
+                if (!root || add_previous_json(root, m, old, &delta) < 0 || !(out = cJSON_Print(root)))
+                        return error("out of memory");
+                printf("%s\n", out);
                 return 0;
         }
         printf("Manifest:     %s\n", path);
@@ -882,6 +1018,8 @@ static int cmd_inspect(int argc, char *argv[]) {
                 printf("  %-30s %10llu bytes at %llu, sha256 %s\n", m->parts[i].file,
                        (unsigned long long) m->parts[i].size, (unsigned long long) m->parts[i].offset, hex);
         }
+        if (old)
+                print_previous(m, old, &delta, "Previous:     ");
         return 0;
 }
 

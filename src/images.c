@@ -76,6 +76,27 @@ int images_plan(struct images *images, const struct otad_config *config, const s
         return 0;
 }
 
+int images_plan_bundle(struct images *images, const struct otad_config *config, const struct ota_document *doc,
+                       char *detail, size_t detail_size) {
+        const struct ota_document_file *f;
+
+        assert_return(images && config && doc && doc->n_files > 0, -EINVAL);
+        *images = (struct images){ 0 };
+        f = &doc->files[0];
+        images->v[0].target = route_file(config, f);
+        if (!images->v[0].target) {
+                snprintf(detail, detail_size,
+                         "no [target.*] accepts the bundle's manifest files[0] (filepath \"%.64s\", fileType %u); "
+                         "add a target whose match_filepath and match_file_type accept it",
+                         f->image, f->file_type);
+                return -ENOENT;
+        }
+        images->v[0].first = 0;
+        images->v[0].count = (unsigned) doc->n_files;
+        images->n = 1;
+        return 0;
+}
+
 int images_open(struct images *images, struct otad *otad, const char *job_id) {
         for (size_t i = 0; i < images->n; i++) {
                 int r = installer_new(otad, images->v[i].target, job_id, &images->v[i].installer);

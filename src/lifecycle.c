@@ -7,6 +7,9 @@
 #include <systemd/sd-event.h>
 
 #include "bootloader.h"
+#include "bundle_install.h"
+#include "bundle_job.h"
+#include "bundle_manifest.h"
 #include "clock.h"
 #include "config.h"
 #include "health.h"
@@ -148,6 +151,14 @@ struct lifecycle {
         struct transfer *transfer;
         struct worker *worker;
         struct verify_task *verify;
+        /* An update bundle (bundle_job.h): step 0 (file_index 0) is its
+         * manifest, step 1 its payload, installed as it arrives. */
+        bool bundle;
+        uint8_t *manifest_bytes;       /* files[0] as received */
+        struct bundle_manifest *manifest;
+        unsigned part_files[BUNDLE_PARTS_MAX];
+        struct bundle_install *install;
+        uint64_t fetched_before, reused_before; /* by earlier runs of the install */
         struct reboot *reboot;
         struct health_check *health;
         sd_event_source *report_wait;  /* rollback on the new slot */
@@ -276,6 +287,8 @@ static void record_booted_versions(struct lifecycle *lc) {
 static void stop_work(struct lifecycle *lc) {
         transfer_free(lc->transfer);
         lc->transfer = NULL;
+        bundle_install_free(lc->install);
+        lc->install = NULL;
         worker_free(lc->worker);
         lc->worker = NULL;
         free(lc->verify);
@@ -291,10 +304,22 @@ static void stop_work(struct lifecycle *lc) {
 
 static void forget_job(struct lifecycle *lc, bool abort_images) {
         stop_work(lc);
+        free(lc->manifest_bytes);
+        lc->manifest_bytes = NULL;
+        bundle_manifest_free(lc->manifest);
+        lc->manifest = NULL;
+        lc->bundle = false;
         images_close(&lc->images, abort_images);
         memset(lc->images_verified, 0, sizeof(lc->images_verified));
         ota_document_free(lc->doc);
         lc->doc = NULL;
+}
+
+/* What only resumes the update in hand: the transfers' records, and a
+ * bundle's kept manifest and chunk map. */
+static void forget_progress(struct lifecycle *lc) {
+        transfer_remove_progress(lc->otad->config);
+        bundle_job_forget(lc->otad->config);
 }
 
 /* The record leaves: to last.json when it ended (retired), or nowhere when
@@ -532,6 +557,9 @@ static void fail_target(struct lifecycle *lc, unsigned code, int r, const struct
                 fail(lc, code, r, "%s[target.%s]: %m", what, img->target->name);
 }
 
+static void start_manifest(struct lifecycle *lc);
+static void start_payload(struct lifecycle *lc);
+
 static void start_download(struct lifecycle *lc) {
         unsigned index = lc->rec.file_index;
         struct image *img;
@@ -539,21 +567,209 @@ static void start_download(struct lifecycle *lc) {
 
         if (!lc->doc)
                 return; /* resumes when the job is delivered again */
+        if (lc->bundle) {
+                if (index == 0)
+                        start_manifest(lc);
+                else
+                        start_payload(lc);
+                return;
+        }
         img = images_of_file(&lc->images, index);
         /* begin(resume): an earlier run of this very job may have written
          * blocks its progress record still counts. */
         r = image_begin(img, true);
         if (r >= 0 && img->target->type == TARGET_AB && img->installer->slot)
                 snprintf(lc->rec.new_slot, sizeof(lc->rec.new_slot), "%s", img->installer->slot->bootname);
-        if (r >= 0)
-                r = transfer_start(lc->otad, lc->doc, lc->protocol, index, img, lc->rec.job_id, &transfer_ops, lc,
-                                   &lc->transfer);
+        if (r >= 0) {
+                struct transfer_sink sink;
+
+                transfer_sink_installer(img->installer, lc->doc->files[index].part_offset, &sink);
+                r = transfer_start(lc->otad, lc->doc, lc->protocol, index, &sink, NULL, 0, lc->rec.job_id,
+                                   &transfer_ops, lc, &lc->transfer);
+        }
         if (r < 0) {
                 char what[32];
 
                 snprintf(what, sizeof(what), "files[%u] into ", index);
                 fail_target(lc, OTA_PAL_RX_FILE_CREATE_FAILED, r, img, what);
         }
+}
+
+/* bundles: step 0 is the manifest, fetched into memory, checked and
+ * decided on before a payload byte is fetched; step 1 is the payload,
+ * installed as it arrives (bundle_install.h). */
+
+static int on_manifest_bytes(uint64_t offset, const void *buf, size_t len, void *userdata) {
+        struct lifecycle *lc = userdata;
+
+        /* The transfer never writes past filesize, which is the buffer's. */
+        memcpy(lc->manifest_bytes + offset, buf, len);
+        return 0;
+}
+
+static int on_manifest_sync(void *userdata) {
+        return 0;
+}
+
+static void start_manifest(struct lifecycle *lc) {
+        const struct ota_document_file *f = &lc->doc->files[0];
+        int r;
+
+        if (f->filesize > BUNDLE_MANIFEST_MAX) {
+                fail(lc, OTA_PAL_RX_FILE_TOO_LARGE, -EFBIG,
+                     "the bundle's manifest (files[0]) is %" PRIu32 " bytes, a manifest is at most %u", f->filesize,
+                     (unsigned) BUNDLE_MANIFEST_MAX);
+                return;
+        }
+        free(lc->manifest_bytes);
+        lc->manifest_bytes = malloc(f->filesize);
+        if (!lc->manifest_bytes) {
+                fail(lc, OTA_PAL_RX_FILE_CREATE_FAILED, -ENOMEM, "files[0]: %m");
+                return;
+        }
+        /* The bytes live in memory only: an earlier run's record of this
+         * transfer would skip bytes that are gone. */
+        transfer_forget_progress(lc->otad->config, 0);
+        r = transfer_start(lc->otad, lc->doc, lc->protocol, 0,
+                           &(const struct transfer_sink){ .write = on_manifest_bytes, .sync = on_manifest_sync,
+                                                          .userdata = lc },
+                           NULL, 0, lc->rec.job_id, &transfer_ops, lc, &lc->transfer);
+        if (r < 0)
+                fail(lc, OTA_PAL_RX_FILE_CREATE_FAILED, r, "cannot fetch the bundle's manifest (files[0]): %m");
+}
+
+/* The manifest arrived: trusted, matching the job, and acceptable to this
+ * device, or the update ends here having cost the manifest's bytes. */
+static void accept_manifest(struct lifecycle *lc) {
+        struct bundle_job_refusal why = { 0 };
+        int r;
+
+        bundle_manifest_free(lc->manifest);
+        lc->manifest = NULL;
+        r = bundle_job_accept(lc->otad->config, lc->doc, lc->running_version, lc->manifest_bytes,
+                              lc->doc->files[0].filesize, &lc->manifest, lc->part_files, &why);
+        free(lc->manifest_bytes);
+        lc->manifest_bytes = NULL;
+        if (r < 0) {
+                (void) fire(lc, EV_FAILED, why.reason, why.detail);
+                return;
+        }
+        log_full(LOG_NOTICE, 0,
+                 &(const struct log_fields){ .message_id = OTAD_MID_IMAGE_VERIFIED, .job_id = lc->rec.job_id,
+                                             .stage = "verify" },
+                 "Bundle manifest verified: version %s for %s, an image of %" PRIu64 " bytes in %zu part(s) of %" PRIu64
+                 " bytes",
+                 lc->manifest->version, lc->manifest->compatible, lc->manifest->image_size, lc->manifest->n_parts,
+                 lc->manifest->payload_size);
+        (void) fire(lc, EV_VERIFIED_MORE, NULL, NULL);
+}
+
+/* A restart past the manifest: the copy the state directory kept,
+ * checked again. */
+static int load_manifest(struct lifecycle *lc) {
+        struct bundle_job_refusal why = { 0 };
+        int r;
+
+        if (lc->manifest)
+                return 0;
+        r = bundle_job_load(lc->otad->config, lc->doc, lc->running_version, &lc->manifest, lc->part_files, &why);
+        if (r < 0)
+                (void) fire(lc, EV_FAILED, why.reason, why.detail);
+        return r;
+}
+
+static void on_install_progress(const struct bundle_install_stats *st, void *userdata) {
+        struct lifecycle *lc = userdata;
+        uint64_t now = clock_now_usec();
+
+        lc->rec.done = lc->doc->files[0].filesize + st->done_bytes;
+        /* Over every run of this install, not just this one. */
+        lc->rec.fetched = lc->fetched_before + st->fetched_bytes;
+        lc->rec.reused = lc->reused_before + st->reused_bytes;
+        if (now - lc->last_save_usec >= PROGRESS_SAVE_USEC) {
+                int r = state_save(state_dir(lc), STATE_CURRENT_FILE, &lc->rec);
+
+                lc->last_save_usec = now;
+                if (r < 0)
+                        log_job_errno(LOG_WARNING, r, lc->rec.job_id, "download",
+                                      "Failed to record download progress in %s: %m, ignoring", state_dir(lc));
+        }
+        lc->ops->progress(&lc->rec, (st->done_bytes + 4095) / 4096, (st->payload_bytes + 4095) / 4096, lc->userdata);
+}
+
+static void on_install_need_url(void *userdata) {
+        on_transfer_need_url(userdata);
+}
+
+static void on_install_finished(int result, const char *reason, void *userdata) {
+        struct lifecycle *lc = userdata;
+        struct bundle_install_stats st;
+        char word[64], detail[512];
+
+        bundle_install_get_stats(lc->install, &st);
+        snprintf(detail, sizeof(detail), "the bundle's payload: %s", reason ? reason : "");
+        bundle_install_free(lc->install);
+        lc->install = NULL;
+        if (result >= 0) {
+                log_job(LOG_NOTICE, lc->rec.job_id, "download",
+                        "Bundle installed into the target: %" PRIu64 " payload bytes fetched, %" PRIu64
+                        " image bytes reused from the active slot, %u of %u chunks written before the restart",
+                        st.fetched_bytes, st.reused_bytes, st.chunks_resumed, st.chunks);
+                (void) fire(lc, EV_RECEIVED, NULL, NULL);
+                return;
+        }
+        if (result == -ENOSPC || result == -EFBIG)
+                format_reason(word, sizeof(word), NULL, OTA_PAL_RX_FILE_TOO_LARGE, (unsigned) -result);
+        else if (result == -EBADMSG)
+                format_reason(word, sizeof(word), NULL, OTA_PAL_SIGNATURE_CHECK_FAILED, EBADMSG);
+        else
+                format_reason(word, sizeof(word), "aborted",
+                              result == -ETIMEDOUT ? OTA_ERR_MOMENTUM_ABORT : OTA_ERR_REQUEST_FILE_BLOCK, 0);
+        (void) fire(lc, EV_FAILED, word, detail);
+}
+
+static const struct bundle_install_ops install_ops = {
+        .progress = on_install_progress,
+        .need_fresh_url = on_install_need_url,
+        .finished = on_install_finished,
+};
+
+static void start_payload(struct lifecycle *lc) {
+        struct image *img = &lc->images.v[0];
+        const struct config_slot *active = NULL;
+        int r;
+
+        if (load_manifest(lc) < 0)
+                return;
+        img->size = lc->manifest->image_size;
+        r = image_begin(img, true);
+        if (r < 0) {
+                fail_target(lc, r == -ENOSPC ? OTA_PAL_RX_FILE_TOO_LARGE : OTA_PAL_RX_FILE_CREATE_FAILED, r, img,
+                            "the bundle's image into ");
+                return;
+        }
+        if (img->target->type == TARGET_AB && img->installer->slot) {
+                snprintf(lc->rec.new_slot, sizeof(lc->rec.new_slot), "%s", img->installer->slot->bootname);
+                /* Chunks the running system already has are copied, not
+                 * fetched (delta.h): its slot is read, never written. */
+                if (slot_booted(lc->otad->config, lc->rec.slot_class, NULL, &active) < 0)
+                        active = NULL;
+        }
+        lc->fetched_before = lc->rec.fetched;
+        lc->reused_before = lc->rec.reused;
+        r = bundle_install_start(lc->otad,
+                                 &(const struct bundle_install_params){
+                                         .doc = lc->doc,
+                                         .protocol = lc->protocol,
+                                         .manifest = lc->manifest,
+                                         .part_files = lc->part_files,
+                                         .target = img->installer,
+                                         .active = active,
+                                         .job_id = lc->rec.job_id,
+                                 },
+                                 &install_ops, lc, &lc->install);
+        if (r < 0)
+                fail(lc, OTA_PAL_RX_FILE_CREATE_FAILED, r, "cannot start installing the bundle's payload: %m");
 }
 
 /* verify: in a worker thread, since reading back a whole slot takes
@@ -565,6 +781,10 @@ struct verify_task {
         unsigned first, count;         /* the files[] entries to verify */
         const struct ota_document *doc;
         const struct otad_config *config;
+        /* A bundle's image: its SHA-256 against the manifest's, instead
+         * of the files' signatures. NULL for files. */
+        const uint8_t *image_sha256;
+        uint64_t image_size;
         struct worker *worker;
         /* results, read on the loop after the thread ended */
         int finish_result;
@@ -596,6 +816,26 @@ static int verify_in_thread(struct worker *w, void *arg) {
                 task->finish_result = task->installer->ops->finish(task->installer);
                 if (task->finish_result < 0)
                         return task->finish_result;
+        }
+        if (task->image_sha256) {
+                struct part_reader reader = { task, 0 };
+                char want[65];
+                int r;
+
+                r = verify_sha256(task->image_size, read_part, &reader, task->sha256[0]);
+                if (r < 0) {
+                        errno = -r;
+                        snprintf(task->report.reason, sizeof(task->report.reason), "cannot read the image back: %m");
+                        return r;
+                }
+                bundle_sha256_hex(task->image_sha256, want);
+                if (strcmp(want, task->sha256[0]) != 0) {
+                        snprintf(task->report.reason, sizeof(task->report.reason),
+                                 "the image read back is sha256 %s, the bundle's manifest says %s", task->sha256[0],
+                                 want);
+                        return -EBADMSG;
+                }
+                return 0;
         }
         for (unsigned i = task->first; i < task->first + task->count; i++) {
                 const struct ota_document_file *f = &task->doc->files[i];
@@ -641,6 +881,10 @@ static void start_verify(struct lifecycle *lc, struct image *img, unsigned first
         }
         *task = (struct verify_task){ .installer = img->installer, .finish = finish, .first = first, .count = count,
                                       .doc = lc->doc, .config = lc->otad->config };
+        if (lc->bundle) {
+                task->image_sha256 = lc->manifest->image_sha256;
+                task->image_size = lc->manifest->image_size;
+        }
         r = worker_start(lc->otad->event, verify_in_thread, task, on_verified, lc, &lc->worker);
         if (r < 0) {
                 free(task);
@@ -648,8 +892,12 @@ static void start_verify(struct lifecycle *lc, struct image *img, unsigned first
                 return;
         }
         lc->verify = task;
-        log_job(LOG_INFO, lc->rec.job_id, "verify", "Verifying files[%u..%u] on [target.%s]%s", first,
-                first + count - 1, img->target->name, finish ? " after syncing it" : "");
+        if (lc->bundle)
+                log_job(LOG_INFO, lc->rec.job_id, "verify", "Verifying the bundle's image on [target.%s]%s",
+                        img->target->name, finish ? " after syncing it" : "");
+        else
+                log_job(LOG_INFO, lc->rec.job_id, "verify", "Verifying files[%u..%u] on [target.%s]%s", first,
+                        first + count - 1, img->target->name, finish ? " after syncing it" : "");
 }
 
 static void on_verified(int result, void *userdata) {
@@ -668,9 +916,19 @@ static void on_verified(int result, void *userdata) {
                                         ? OTA_PAL_BAD_SIGNER_CERT
                                         : OTA_PAL_SIGNATURE_CHECK_FAILED;
 
-                fail(lc, code, result, "files[%u]: %s", index, task->report.reason);
+                if (task->image_sha256)
+                        fail(lc, OTA_PAL_SIGNATURE_CHECK_FAILED, result, "[target.%s]: %s", img->target->name,
+                             task->report.reason);
+                else
+                        fail(lc, code, result, "files[%u]: %s", index, task->report.reason);
         } else {
-                for (unsigned i = task->first; i < task->first + task->count; i++)
+                if (task->image_sha256)
+                        log_full(LOG_NOTICE, 0,
+                                 &(const struct log_fields){ .message_id = OTAD_MID_IMAGE_VERIFIED,
+                                                             .job_id = lc->rec.job_id, .stage = "verify" },
+                                 "Image verified: sha256 %s, the bundle manifest's (version %s), read back from [target.%s]",
+                                 task->sha256[0], lc->manifest->version, img->target->name);
+                for (unsigned i = task->first; !task->image_sha256 && i < task->first + task->count; i++)
                         log_full(LOG_NOTICE, 0,
                                  &(const struct log_fields){ .message_id = OTAD_MID_IMAGE_VERIFIED,
                                                              .job_id = lc->rec.job_id, .stage = "verify" },
@@ -679,7 +937,7 @@ static void on_verified(int result, void *userdata) {
                 if (last_of_image)
                         lc->images_verified[img - lc->images.v] = true;
                 if (lc->rec.stage == STAGE_VERIFY) {
-                        bool more = lc->rec.file_index + 1 < lc->rec.n_files;
+                        bool more = !lc->bundle && lc->rec.file_index + 1 < lc->rec.n_files;
 
                         if (fire(lc, more ? EV_VERIFIED_MORE : EV_VERIFIED, NULL, NULL) >= 0)
                                 /* The record now says this file is done: its
@@ -698,13 +956,28 @@ static void verify_current_file(struct lifecycle *lc) {
 
         if (!lc->doc)
                 return; /* resumes when the job is delivered again */
+        if (lc->bundle && index == 0) {
+                if (!lc->manifest_bytes) {
+                        /* Restarted between its arrival and its check: the
+                         * bytes were in memory only. */
+                        start_manifest(lc);
+                        return;
+                }
+                accept_manifest(lc);
+                return;
+        }
+        if (lc->bundle && load_manifest(lc) < 0)
+                return;
         img = images_of_file(&lc->images, index);
+        if (lc->bundle)
+                img->size = lc->manifest->image_size;
         r = image_begin(img, true);
         if (r < 0) {
                 fail_target(lc, OTA_PAL_RX_FILE_CREATE_FAILED, r, img, "");
                 return;
         }
-        start_verify(lc, img, index, 1, index + 1 == img->first + img->count);
+        start_verify(lc, img, index, lc->bundle ? img->count : 1,
+                     lc->bundle || index + 1 == img->first + img->count);
 }
 
 /* activate */
@@ -743,6 +1016,11 @@ static void activate_step(struct lifecycle *lc) {
                  * verified by this run: after a restart it is read back
                  * once more. */
                 if (!lc->images_verified[lc->rec.activated]) {
+                        if (lc->bundle) {
+                                if (load_manifest(lc) < 0)
+                                        return;
+                                img->size = lc->manifest->image_size;
+                        }
                         r = image_begin(img, true);
                         if (r < 0) {
                                 fail_target(lc, OTA_PAL_RX_FILE_CREATE_FAILED, r, img, "");
@@ -970,7 +1248,7 @@ static void fail_cleanup(struct lifecycle *lc, enum stage from) {
                 images_close(&lc->images, true);
         else
                 images_discard(lc->otad, lc->rec.job_id, lc->rec.targets);
-        transfer_remove_progress(lc->otad->config);
+        forget_progress(lc);
         if (!lc->rec.reported)
                 lc->ops->finished(&lc->rec, lc->userdata);
         else
@@ -1241,7 +1519,7 @@ static void discard_remembered(struct lifecycle *lc) {
         if (lc->rec.stage == STAGE_ACTIVATE)
                 mark_new_slot_bad(lc);
         images_discard(lc->otad, lc->rec.job_id, lc->rec.targets);
-        transfer_remove_progress(lc->otad->config);
+        forget_progress(lc);
         r = state_remove(state_dir(lc), STATE_CURRENT_FILE);
         if (r < 0)
                 log_job_errno(LOG_WARNING, r, lc->rec.job_id, stage_name(lc->rec.stage),
@@ -1299,7 +1577,9 @@ int lifecycle_take(struct lifecycle *lc, const char *job_id, int64_t execution_n
                 return 0;
         }
         lc->protocol = (enum ota_protocol) r;
-        r = images_plan(&lc->images, lc->otad->config, doc, detail, sizeof(detail));
+        lc->bundle = bundle_job_is_bundle(doc);
+        r = lc->bundle ? images_plan_bundle(&lc->images, lc->otad->config, doc, detail, sizeof(detail))
+                       : images_plan(&lc->images, lc->otad->config, doc, detail, sizeof(detail));
         if (r < 0) {
                 if (!lc->have_record)
                         new_record(lc, job_id, execution_number);
@@ -1348,6 +1628,10 @@ int lifecycle_take(struct lifecycle *lc, const char *job_id, int64_t execution_n
 }
 
 void lifecycle_refresh(struct lifecycle *lc, const struct ota_document *doc) {
+        if (lc->install) {
+                bundle_install_set_url(lc->install, doc);
+                return;
+        }
         if (!lc->transfer || lc->rec.file_index >= doc->n_files || !doc->files[lc->rec.file_index].update_data_url)
                 return;
         (void) transfer_set_url(lc->transfer, doc->files[lc->rec.file_index].update_data_url);
@@ -1369,7 +1653,7 @@ void lifecycle_cancel(struct lifecycle *lc) {
         if (lc->rec.stage >= STAGE_ACTIVATE)
                 mark_new_slot_bad(lc);
         images_close(&lc->images, true);
-        transfer_remove_progress(lc->otad->config);
+        forget_progress(lc);
         (void) fire(lc, EV_CANCELLED, NULL, NULL);
 }
 

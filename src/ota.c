@@ -107,8 +107,8 @@ static void on_finished_done(int result, void *userdata) {
 
 static void report_finished(struct ota *ota, const struct state_record *rec) {
         enum job_status status = strcmp(rec->result, "SUCCEEDED") == 0 ? JOB_SUCCEEDED : JOB_FAILED;
-        struct status_detail details[4];
-        char updated_by[80];
+        struct status_detail details[6];
+        char updated_by[80], fetched[24], reused[24];
         size_t n = 0;
 
         ota->owe_finished = false;
@@ -121,6 +121,12 @@ static void report_finished(struct ota *ota, const struct state_record *rec) {
         }
         if (rec->detail[0])
                 details[n++] = (struct status_detail){ "detail", rec->detail };
+        if (rec->fetched || rec->reused) {
+                snprintf(fetched, sizeof(fetched), "%" PRIu64, rec->fetched);
+                snprintf(reused, sizeof(reused), "%" PRIu64, rec->reused);
+                details[n++] = (struct status_detail){ "fetched", fetched };
+                details[n++] = (struct status_detail){ "reused", reused };
+        }
         details[n] = (struct status_detail){ NULL, NULL };
         if (report(ota, status, details, 0, on_finished_done) < 0)
                 lifecycle_reported(ota->lc, -EIO);
@@ -152,9 +158,12 @@ static void on_progress(const struct state_record *rec, uint64_t done, uint64_t 
         struct ota *ota = userdata;
         uint64_t now = clock_now_usec();
         uint64_t interval = (uint64_t) ota->otad->config->ota.progress_interval * USEC_PER_SEC;
-        char receive[48];
+        char receive[48], fetched[24], reused[24];
         const struct status_detail details[] = {
                 { "receive", receive },
+                /* A bundle says what the adaptive update saved. */
+                { rec->fetched || rec->reused ? "fetched" : NULL, fetched },
+                { "reused", reused },
                 { NULL, NULL },
         };
 
@@ -166,6 +175,8 @@ static void on_progress(const struct state_record *rec, uint64_t done, uint64_t 
                 return;
         ota->last_progress_usec = now;
         snprintf(receive, sizeof(receive), "%" PRIu64 "/%" PRIu64, done, total);
+        snprintf(fetched, sizeof(fetched), "%" PRIu64, rec->fetched);
+        snprintf(reused, sizeof(reused), "%" PRIu64, rec->reused);
         (void) report(ota, JOB_IN_PROGRESS, details, JOBS_UPDATE_PROGRESS, NULL);
 }
 

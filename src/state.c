@@ -42,7 +42,7 @@ bool stage_is_terminal(enum stage stage) {
         X(job_id) X(identity) X(protocol) X(targets) X(target) X(slot_class) X(old_slot) X(new_slot) \
         X(old_version) X(new_version) X(result) X(reason) X(detail)
 #define NUMBER_FIELDS(X) \
-        X(execution_number) X(starts) X(file_index) X(n_files) X(n_images) X(activated) X(done) X(total) X(updated_at)
+        X(execution_number) X(starts) X(file_index) X(n_files) X(n_images) X(activated) X(done) X(total) X(fetched) X(reused) X(updated_at)
 
 static int path_of(const char *dir, const char *name, char **ret) {
         return asprintf(ret, "%s/%s", dir, name) < 0 ? -ENOMEM : 0;

@@ -42,6 +42,8 @@ static cJSON *state_to_json(const struct state_record *s) {
         cJSON_AddNumberToObject(o, "percent", s->total ? (double) (s->done * 100 / s->total) : 0);
         cJSON_AddNumberToObject(o, "bytes_done", (double) s->done);
         cJSON_AddNumberToObject(o, "bytes_total", (double) s->total);
+        cJSON_AddNumberToObject(o, "bytes_fetched", (double) s->fetched);
+        cJSON_AddNumberToObject(o, "bytes_reused", (double) s->reused);
         cJSON_AddNumberToObject(o, "file_index", s->file_index);
         cJSON_AddNumberToObject(o, "files", s->n_files);
         cJSON_AddStringToObject(o, "protocol", s->protocol);
@@ -142,6 +144,9 @@ static void print_human(const cJSON *root) {
                        number(job, "files"), text(job, "protocol"));
         else
                 printf("Job:         none\n");
+        if (cJSON_IsObject(job) && (number(job, "bytes_fetched") > 0 || number(job, "bytes_reused") > 0))
+                printf("             %.0f bytes fetched, %.0f bytes reused from the running slot\n",
+                       number(job, "bytes_fetched"), number(job, "bytes_reused"));
         if (cJSON_IsObject(last)) {
                 time_t when = (time_t) number(last, "updated_at");
                 char stamp[32];

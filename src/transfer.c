@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,7 +10,6 @@
 #include "download.h"
 #include "fileio.h"
 #include "http.h"
-#include "images.h"
 #include "installer.h"
 #include "log.h"
 #include "ota_document.h"
@@ -22,7 +22,8 @@
 struct transfer {
         struct otad *otad;
         const struct ota_document_file *file;
-        struct image *image;
+        struct transfer_sink sink;
+        bool ranges;                   /* wanted ranges: progress counts wanted bytes */
         enum ota_protocol protocol;
         struct stream_download *stream;
         struct http_download *http;
@@ -51,25 +52,40 @@ void transfer_remove_progress(const struct otad_config *config) {
         (void) fsync_directory(config->state.directory);
 }
 
+static int installer_write(uint64_t offset, const void *buf, size_t len, void *userdata) {
+        struct installer *in = userdata;
+
+        return in->ops->write(in, offset, buf, len);
+}
+
+static int installer_sync(void *userdata) {
+        struct installer *in = userdata;
+
+        return in->ops->sync(in);
+}
+
+void transfer_sink_installer(struct installer *in, uint64_t base, struct transfer_sink *ret) {
+        *ret = (struct transfer_sink){ .write = installer_write, .sync = installer_sync, .userdata = in, .base = base };
+}
+
 static int on_write(uint64_t offset, const void *buf, size_t len, void *userdata) {
         struct transfer *t = userdata;
-        struct installer *in = t->image->installer;
 
         if (offset > t->file->filesize || len > t->file->filesize - offset)
                 return -ERANGE;
-        return in->ops->write(in, t->file->part_offset + offset, buf, len);
+        return t->sink.write(t->sink.base + offset, buf, len, t->sink.userdata);
 }
 
 static int on_sync(void *userdata) {
         struct transfer *t = userdata;
 
-        return t->image->installer->ops->sync(t->image->installer);
+        return t->sink.sync(t->sink.userdata);
 }
 
 static void on_progress(uint64_t done, uint64_t total, void *userdata) {
         struct transfer *t = userdata;
 
-        if (t->protocol == OTA_PROTOCOL_MQTT)
+        if (t->protocol == OTA_PROTOCOL_MQTT && !t->ranges)
                 /* done/total count blocks; bytes are close enough for status. */
                 t->ops->progress(done, total, total ? t->file->filesize * done / total : 0, t->userdata);
         else
@@ -98,15 +114,16 @@ static const struct download_ops download_ops = {
 };
 
 int transfer_start(struct otad *otad, const struct ota_document *doc, enum ota_protocol protocol,
-                   unsigned file_index, struct image *image, const char *job_id,
-                   const struct transfer_ops *ops, void *userdata, struct transfer **ret) {
+                   unsigned file_index, const struct transfer_sink *sink, const struct download_range *wanted,
+                   size_t n_wanted, const char *job_id, const struct transfer_ops *ops, void *userdata,
+                   struct transfer **ret) {
         const struct ota_document_file *f;
         _cleanup_free_ char *state_path = NULL;
         struct transfer *t;
         struct download_file file;
         int r;
 
-        assert_return(otad && doc && image && job_id && ops && ret, -EINVAL);
+        assert_return(otad && doc && sink && sink->write && sink->sync && job_id && ops && ret, -EINVAL);
         assert_return(file_index < doc->n_files, -EINVAL);
         f = &doc->files[file_index];
         state_path = progress_path(otad->config, file_index);
@@ -117,14 +134,16 @@ int transfer_start(struct otad *otad, const struct ota_document *doc, enum ota_p
         t = calloc(1, sizeof(*t));
         if (!t)
                 return -ENOMEM;
-        *t = (struct transfer){ .otad = otad, .file = f, .image = image, .protocol = protocol, .ops = ops,
-                                .userdata = userdata };
+        *t = (struct transfer){ .otad = otad, .file = f, .sink = *sink, .ranges = wanted != NULL,
+                                .protocol = protocol, .ops = ops, .userdata = userdata };
         file = (struct download_file){
                 .job_id = job_id,
                 .file_index = file_index,
                 .size = f->filesize,
                 .signature = f->signature ? f->signature : "",
                 .state_path = state_path,
+                .wanted = wanted,
+                .n_wanted = n_wanted,
         };
         if (protocol == OTA_PROTOCOL_MQTT)
                 r = stream_download_new(otad, doc->stream_name, f->fileid, &file, &download_ops, t, &t->stream);
@@ -134,8 +153,8 @@ int transfer_start(struct otad *otad, const struct ota_document *doc, enum ota_p
                 free(t);
                 return r;
         }
-        log_job(LOG_INFO, job_id, "download", "Downloading files[%u] (%" PRIu32 " bytes) over %s into [target.%s]",
-                file_index, f->filesize, protocol == OTA_PROTOCOL_MQTT ? "mqtt" : "http", image->target->name);
+        log_job(LOG_INFO, job_id, "download", "Downloading files[%u] (%" PRIu32 " bytes%s) over %s", file_index,
+                f->filesize, wanted ? ", the wanted ranges of it" : "", protocol == OTA_PROTOCOL_MQTT ? "mqtt" : "http");
         *ret = t;
         return 0;
 }

@@ -220,6 +220,79 @@ class BundleTool(unittest.TestCase):
         p = subprocess.run([OTAD, "bundle", "inspect", self.cert], capture_output=True, text=True)
         self.refused(p, "signer.crt: manifest is not JSON")
 
+    # ---- --previous --------------------------------------------------------
+
+    def payload_of(self, out, name):
+        with open(os.path.join(out, name + ".manifest")) as f:
+            m = json.load(f)
+        path = os.path.join(out, "payload.zck")
+        with open(path, "wb") as p:
+            for part in m["parts"]:
+                with open(os.path.join(out, part["file"]), "rb") as f:
+                    p.write(f.read())
+        return m, path
+
+    def test_previous_counts_the_new_chunks(self):
+        with open(self.image, "rb") as f:
+            old = f.read()
+        # 8 KiB inserted (a file grew), 4 KB changed (a file rewritten).
+        new = bytearray(old[:2 * MIB] + os.urandom(8192) + old[2 * MIB:])
+        new[4 * MIB:4 * MIB + 4000] = os.urandom(4000)
+        image = os.path.join(self.tmp, "rootfs-new.img")
+        with open(image, "wb") as f:
+            f.write(new)
+        old_out, _ = self.bundle("--part-size", str(MIB), version="1.0.0")
+        out, p = self.bundle("--previous", old_out, image=image, version="1.1.0")
+        line = [l for l in p.stdout.splitlines() if l.startswith("  previous  ")]
+        self.assertEqual(len(line), 1, p.stdout)
+        m, payload = self.payload_of(out, "bundle-1.1.0")
+
+        q = subprocess.run([OTAD, "bundle", "inspect", "--json", "--previous",
+                            os.path.join(old_out, "bundle-1.0.0.manifest"), out],
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(q.returncode, 0, q.stderr)
+        prev = json.loads(q.stdout)["previous"]
+        self.assertEqual(prev["version"], "1.0.0")
+        self.assertTrue(prev["same_chunking"])
+        self.assertEqual(prev["chunks"], m["payload"]["chunk_count"])
+        self.assertEqual(prev["new_chunks"] + prev["reused_chunks"], prev["chunks"])
+        self.assertGreaterEqual(prev["new_chunks"], 2)   # two edits, two places
+        self.assertLessEqual(prev["new_chunks"], 8)
+        self.assertEqual(prev["new_image_bytes"] + prev["reused_image_bytes"], len(new))
+        self.assertIn("from 1.0.0: %d of %d chunks new" % (prev["new_chunks"], prev["chunks"]), line[0])
+
+        # zchunk's own tool on the same pair says the same: what it would
+        # download is the new chunks plus the header, which otad fetches
+        # before it plans (both bundles at the same zstd level, so equal
+        # chunks compress to equal bytes).
+        if shutil.which("zck_delta_size"):
+            _, old_payload = self.payload_of(old_out, "bundle-1.0.0")
+            z = subprocess.run(["zck_delta_size", old_payload, payload], capture_output=True, text=True, check=True)
+            want = "Would download %d of %d bytes" % (prev["fetch_payload_bytes"] + m["payload"]["header_size"],
+                                                      m["payload"]["size"])
+            self.assertIn(want, z.stdout)
+
+        # Human output of inspect, and the same image again: nothing new.
+        q = subprocess.run([OTAD, "bundle", "inspect", "--previous", old_out, out], capture_output=True, text=True)
+        self.assertIn("Previous:     from 1.0.0: %d of" % prev["new_chunks"], q.stdout)
+        _, p = self.bundle("--previous", old_out, version="1.0.1")
+        self.assertIn("from 1.0.0: 0 of ", p.stdout)
+        self.assertIn("fetches 0.0 MB of the payload (0.0 %)", p.stdout)
+
+    def test_previous_that_is_not_a_bundle(self):
+        out = os.path.join(self.tmp, "never")
+        _, p = self.bundle("--previous", os.path.join(self.tmp, "nowhere"), out=out, check=False)
+        self.refused(p, "cannot read %s" % os.path.join(self.tmp, "nowhere"))
+        self.assertFalse(os.path.exists(out), "refused before anything was written")
+        # A bundle directory whose parts are gone: the header is unreadable.
+        old_out, _ = self.bundle(version="1.0.0")
+        for name in os.listdir(old_out):
+            if ".payload." in name and not name.endswith(".sig"):
+                os.unlink(os.path.join(old_out, name))
+        _, p = self.bundle("--previous", old_out, out=out, check=False)
+        self.refused(p, "cannot read part")
+        self.assertFalse(os.path.exists(out))
+
     def test_verify(self):
         out, _ = self.bundle("--part-size", str(MIB))
         p = subprocess.run([OTAD, "bundle", "verify", "--cert", self.cert, out], capture_output=True, text=True)
