@@ -723,15 +723,112 @@ class TestMalformed(JobsTestCase):
         status, execution = self.final("notjson-1")
         self.assertEqual(status, "REJECTED")
         self.assertEqual(execution["statusDetails"]["reason"], "the job document is not valid JSON")
-        self.assertTrue(otad.grep(r"Job notjson-1: rejecting: the job document is not valid JSON"))
+        # Where, in the string the document came as.
+        self.assertEqual(execution["statusDetails"]["detail"],
+                         "an unexpected character ('t') at byte 0 of 18")
+        self.assertTrue(otad.grep(r"Job notjson-1: rejecting: the job document is not valid JSON: "))
         self.assert_running(otad)
 
     def test_message_not_json(self):
         otad = self.start_connected()
         self.notify_next_raw(b"\x00garbage{")
-        otad.wait_for_log(r"Ignoring a message on jobs/notify-next that is not a JSON object", 10)
+        otad.wait_for_log(r"Ignoring a notify-next message that cannot be read: the job execution message is not "
+                          r"valid JSON: an unexpected character \(byte 0x00\) at byte 0 of 9; it names no job to "
+                          r"answer", 10)
         self.service.queue_job(self.thing, "after-garbage", {"operation": "hello"})
         self.assertEqual(self.final("after-garbage")[0], "SUCCEEDED")
+        self.assert_running(otad)
+
+    # A job whose message cJSON cannot parse must still be answered, or it
+    # stays QUEUED with every later job behind it (issue 11).
+
+    def deep_document(self, levels=1000):
+        doc = []
+        for _ in range(levels - 1):
+            doc = [doc]
+        return {"operation": "hello", "deep": doc}
+
+    def queue_silently(self, job_id, document):
+        """A job the stand-in knows, whose notify-next the test sends itself."""
+        self.service.jobs.queue(self.thing, job_id, document)
+
+    def notify_next_for(self, job_id, document_bytes):
+        self.notify_next_raw(b'{"timestamp":1,"execution":{"jobId":"' + job_id.encode() +
+                             b'","status":"QUEUED","queuedAt":1,"versionNumber":1,"executionNumber":1,'
+                             b'"jobDocument":' + document_bytes + b'}}')
+
+    def test_document_nested_too_deep_is_rejected(self):
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))   # the stand-in's json.dumps
+        otad = self.start_connected()
+        self.service.queue_job(self.thing, "deep-1", self.deep_document())
+        self.service.queue_job(self.thing, "after-deep", {"operation": "hello"})
+        status, execution = self.final("deep-1")
+        self.assertEqual(status, "REJECTED")
+        self.assertEqual(execution["statusDetails"]["reason"],
+                         "the job document nests arrays and objects deeper than 1000 levels")
+        self.assertRegex(execution["statusDetails"]["detail"],
+                         r"^level 1001 begins at byte \d+ of \d+; otad parses at most 1000 levels$")
+        self.assertFalse(otad.grep(r"not a JSON object"))
+        # The queue moved on.
+        self.assertEqual(self.final("after-deep")[0], "SUCCEEDED")
+        self.assert_running(otad)
+
+    def test_document_nested_too_deep_found_by_next_get(self):
+        # Queued before otad starts: the answer to its $next/get carries it.
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
+        self.service.queue_job(self.thing, "deep-2", self.deep_document())
+        otad = self.start_otad()
+        status, execution = self.final("deep-2")
+        self.assertEqual(status, "REJECTED")
+        self.assertIn("deeper than 1000 levels", execution["statusDetails"]["reason"])
+        # Answered once, not asked again and again.
+        time.sleep(1)
+        self.assertLessEqual(self.next_get_count(), 3)
+        self.assertFalse(otad.grep(r"No answer to \$next/get yet"))
+        self.assert_running(otad)
+
+    def test_truncated_message_is_rejected(self):
+        otad = self.start_connected()
+        self.queue_silently("trunc-1", {"operation": "hello"})
+        truncated = b'{"timestamp":1,"execution":{"jobId":"trunc-1","status":"QUEUED","jobDocument":{"operation":"hel'
+        self.notify_next_raw(truncated)
+        status, execution = self.final("trunc-1")
+        self.assertEqual(status, "REJECTED")
+        self.assertEqual(execution["statusDetails"]["reason"], "the job document is not valid JSON")
+        self.assertEqual(execution["statusDetails"]["detail"], "the text ends inside a string (%d bytes)" % len(truncated))
+        self.assert_running(otad)
+
+    def test_invalid_utf8_is_rejected(self):
+        # cJSON would take it; a handler must never get anything but UTF-8.
+        otad = self.start_connected()
+        self.queue_silently("utf8-1", {"operation": "hello"})
+        self.notify_next_for("utf8-1", b'{"operation":"hello","note":"caf\xe9"}')
+        status, execution = self.final("utf8-1")
+        self.assertEqual(status, "REJECTED")
+        self.assertEqual(execution["statusDetails"]["reason"], "the job document is not valid UTF-8")
+        self.assertRegex(execution["statusDetails"]["detail"], r"^byte 0xe9 at offset \d+ of \d+ is not valid UTF-8$")
+        self.assertFalse(otad.grep(r"hello\[\d+\]"), "the handler ran")
+        self.assert_running(otad)
+
+    def test_message_over_128_kib_is_rejected(self):
+        otad = self.start_connected()
+        self.queue_silently("huge-1", {"operation": "hello"})
+        self.notify_next_for("huge-1", b'{"operation":"hello","pad":"' + b"x" * 140000 + b'"}')
+        status, execution = self.final("huge-1")
+        self.assertEqual(status, "REJECTED")
+        self.assertEqual(execution["statusDetails"]["reason"], "the job execution message is too large")
+        self.assertRegex(execution["statusDetails"]["detail"],
+                         r"^\d+ bytes; AWS IoT sends at most 131072 in one message$")
+        self.assert_running(otad)
+
+    def test_unreadable_message_with_a_bad_job_id_is_not_answered(self):
+        # Its update topic would be invalid: nothing can be sent for it.
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
+        otad = self.start_connected()
+        self.notify_next_for("bad id", json.dumps(self.deep_document()).encode())
+        otad.wait_for_log(r"Ignoring a notify-next message that cannot be read \(the job document nests arrays and "
+                          r"objects deeper than 1000 levels: .*\): its jobId is not 1-64 of \[a-zA-Z0-9_-\]", 10)
+        self.assertEqual(self.record.status_updates(thing=self.thing), [])
         self.assert_running(otad)
 
     def test_wrong_types(self):
@@ -745,6 +842,7 @@ class TestMalformed(JobsTestCase):
         status, execution = self.final("types-2")
         self.assertEqual(status, "REJECTED")
         self.assertEqual(execution["statusDetails"]["reason"], "the job document is not a JSON object")
+        self.assertEqual(execution["statusDetails"]["detail"], "it is an array")
         self.assert_running(otad)
 
     def test_document_over_32_kib(self):
@@ -782,6 +880,38 @@ class TestMalformed(JobsTestCase):
         self.service.queue_job(self.thing, "after-ota", {"operation": "hello"})
         self.assertEqual(self.final("after-ota")[0], "SUCCEEDED")
         self.assert_running(otad)
+
+
+class TestProgressReplies(JobsTestCase):
+    """The service answers our QoS 0 "receive" progress updates too; those
+    answers are ours, expected, and logged as such (issue 10)."""
+
+    def test_progress_answers_are_recognised(self):
+        trust = os.path.join(self.stack.workdir, "trust-" + self.thing)
+        out = os.path.join(self.stack.workdir, "out-" + self.thing)
+        os.makedirs(trust)
+        os.makedirs(out)
+        shutil.copy(self.stack.pki.signer_cert, os.path.join(trust, "ota-signer.crt"))
+        otad = self.stack.start_otad(self.thing, {
+            "mqtt": dict(FAST_RECONNECT),
+            # 96 blocks at 24 requests/s: about 4 s, a "receive" every second.
+            "ota": {"trust_dir": trust, "block_size": 1024, "window": 1, "max_requests_per_second": 24,
+                    "progress_interval": 1},
+            "update": {"version": "1.0.0"},
+            "target.app": {"type": "file", "directory": out},
+        })
+        self.addCleanup(otad.stop)
+        image = os.urandom(96 * 1024)
+        self.service.queue_ota_job(self.thing, "AFR_OTA-progress", image, protocols=["MQTT"])
+        status = self.service.wait_terminal(self.thing, "AFR_OTA-progress", 60)
+        self.assertEqual(status, "SUCCEEDED", otad.log()[-3000:])
+        receives = [u for u in self.updates("AFR_OTA-progress")
+                    if "receive" in (u["request"].get("statusDetails") or {})]
+        self.assertGreaterEqual(len(receives), 2, receives)
+        # Every progress update was answered, and every answer was ours.
+        wait_until(lambda: len(otad.grep(r"progress update \S+ accepted by the service")) >= len(receives),
+                   10, "the answers to %d progress updates" % len(receives))
+        self.assertFalse(otad.grep(r"answers no request of ours"))
 
 
 class TestBrokerRestart(JobsTestCase):
