@@ -882,6 +882,79 @@ class TestMalformed(JobsTestCase):
         self.assert_running(otad)
 
 
+class NotifySocket:
+    """systemd's side of sd_notify: every STATUS= otad sends, in order."""
+
+    def __init__(self, path):
+        import threading
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.2)
+        self.statuses = []
+        self.running = True
+        self.thread = threading.Thread(target=self._collect, daemon=True)
+        self.thread.start()
+
+    def _collect(self):
+        while self.running:
+            try:
+                data = self.sock.recv(65536).decode()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.statuses += [line[7:] for line in data.split("\n") if line.startswith("STATUS=")]
+
+    def close(self):
+        self.running = False
+        self.thread.join(5)
+        self.sock.close()
+
+    def wait_for(self, pattern, timeout, since=0):
+        """Waits for a STATUS= matching pattern among those from index since on."""
+        rx = re.compile(pattern)
+        wait_until(lambda: any(rx.search(st) for st in self.statuses[since:]), timeout,
+                   "STATUS= matching %r; got %r" % (pattern, self.statuses[-5:]))
+
+    def last(self):
+        return self.statuses[-1] if self.statuses else None
+
+
+class TestStatus(JobsTestCase):
+    """The STATUS= line of `systemctl status otad`: the session's link and
+    the job, composed from what each module said, so that a reconnect never
+    hides the job that runs (issue 9)."""
+
+    def test_reconnect_keeps_the_job_in_the_line(self):
+        notify = NotifySocket(os.path.join(self.stack.workdir, "notify-" + self.thing))
+        self.addCleanup(notify.close)
+        otad = self.stack.start_otad(self.thing, {"mqtt": dict(FAST_RECONNECT),
+                                                  "jobs": {"handler_dir": self.handlers}},
+                                     env={"NOTIFY_SOCKET": notify.path})
+        self.addCleanup(otad.stop)
+        port = self.stack.broker.port
+        notify.wait_for(r"^connected to localhost:%d; no pending job$" % port, CONNECT_TIMEOUT)
+        self.service.queue_job(self.thing, "status-1", {"operation": "slow"})
+        running = "job status-1 \\(custom\\)"
+        notify.wait_for(r"^connected to localhost:%d; %s$" % (port, running), JOB_TIMEOUT)
+        started = len(notify.statuses)
+
+        self.service.restart_broker(down_seconds=1.0)
+        notify.wait_for(r"^reconnecting in \d+ s: .*; %s$" % running, CONNECT_TIMEOUT)
+        wait_until(lambda: len(otad.grep(r"Connected to localhost")) >= 2, CONNECT_TIMEOUT, "the reconnect")
+        # Connected again, and still saying which job runs.
+        wait_until(lambda: re.match(r"^connected to localhost:%d; %s$" % (port, running), notify.last() or ""),
+                   CONNECT_TIMEOUT, "the line after the reconnect, last %r" % notify.last())
+        # While the job ran, no line lost it.
+        self.assertFalse([st for st in notify.statuses[started:] if "status-1" not in st], notify.statuses)
+
+        cancelled = len(notify.statuses)
+        self.service.cancel_job(self.thing, "status-1")
+        notify.wait_for(r"^connected to localhost:%d; no pending job$" % port, JOB_TIMEOUT, since=cancelled)
+        self.assertTrue([st for st in notify.statuses if st.endswith("; job status-1 no longer offered")], notify.statuses)
+
+
 class TestProgressReplies(JobsTestCase):
     """The service answers our QoS 0 "receive" progress updates too; those
     answers are ours, expected, and logged as such (issue 10)."""
