@@ -11,6 +11,7 @@
  * message and json_scan finds it without a tree.
  */
 #include <cjson/cJSON.h>
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
@@ -101,6 +102,8 @@ const char *job_status_to_string(enum job_status s) {
 }
 
 int job_status_from_string(const char *s, enum job_status *ret) {
+        assert(ret);
+
         for (size_t i = 0; i < ELEMENTSOF(status_names); i++)
                 if (s && strcmp(s, status_names[i]) == 0) {
                         *ret = (enum job_status) i;
@@ -169,6 +172,8 @@ static bool detail_value_is_valid(const char *v) {
 void jobs_detail_value_sanitize(char *value) {
         unsigned char *p = (unsigned char *) value;
         size_t chars = 0;
+
+        assert(value);
 
         while (*p && chars < DETAIL_VALUE_MAX) {
                 unsigned cp, len = utf8_char(p, &cp);
@@ -308,6 +313,8 @@ int jobs_update(struct jobs *jobs, const char *job_id, enum job_status status, c
                 unsigned flags, jobs_update_done_fn done, void *userdata) {
         int r;
 
+        assert(jobs);
+
         if (!jobs_job_id_is_valid(job_id) || (status != JOB_IN_PROGRESS && status != JOB_SUCCEEDED &&
                                                status != JOB_FAILED && status != JOB_REJECTED))
                 return -EINVAL;
@@ -387,6 +394,8 @@ static int next_get_request(struct jobs *jobs) {
 }
 
 int jobs_request_refresh(struct jobs *jobs) {
+        assert(jobs);
+
         if (!mqtt_session_is_connected(jobs->mqtt))
                 return -ENOTCONN;
         return next_get_request(jobs);
@@ -926,6 +935,10 @@ int jobs_new(struct otad *otad, struct jobs **ret) {
         struct jobs *jobs;
         int r;
 
+        assert(otad);
+        assert(otad->mqtt);
+        assert(ret);
+
         jobs = calloc(1, sizeof(*jobs));
         if (!jobs)
                 return log_error_errno(-ENOMEM, "Out of memory");
@@ -980,6 +993,8 @@ void jobs_free(struct jobs *jobs) {
 int jobs_register_handler(struct jobs *jobs, const struct job_handler *handler) {
         struct handler_entry *e, **p;
 
+        assert(jobs);
+
         if (!handler || !handler->name || !handler->accepts || !handler->start || !handler->cancel)
                 return -EINVAL;
         e = calloc(1, sizeof(*e));
@@ -1013,6 +1028,9 @@ void jobs_unregister_handler(struct jobs *jobs, const char *name) {
 
 int jobs_add_observer(struct jobs *jobs, jobs_observer_fn fn, void *userdata) {
         struct observer_entry *o = calloc(1, sizeof(*o)), **p;
+
+        assert(jobs);
+        assert(fn);
 
         if (!o)
                 return -ENOMEM;

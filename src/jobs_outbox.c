@@ -8,6 +8,7 @@
  * slower than our timeout must not make us retry forever).
  */
 #include <cjson/cJSON.h>
+#include <assert.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -362,6 +363,10 @@ int jobs_outbox_new(struct otad *otad, struct mqtt_session *mqtt, jobs_outbox_se
         struct jobs_outbox *o;
         int r;
 
+        assert(otad);
+        assert(mqtt);
+        assert(ret);
+
         o = calloc(1, sizeof(*o));
         if (!o)
                 return -ENOMEM;
@@ -397,6 +402,9 @@ int jobs_outbox_add(struct jobs_outbox *o, const char *job_id, enum job_status s
                     const struct status_detail *details, unsigned flags, jobs_update_done_fn done, void *userdata) {
         struct report *r = report_new(o, job_id, status, details, flags, done, userdata);
 
+        assert(o);
+        assert(job_id);
+
         if (!r)
                 return -ENOMEM;
         enqueue(o, r);
@@ -404,12 +412,16 @@ int jobs_outbox_add(struct jobs_outbox *o, const char *job_id, enum job_status s
 }
 
 void jobs_outbox_kick(struct jobs_outbox *o) {
+        assert(o);
+
         if (o->queue)
                 report_send(o->queue);
 }
 
 void jobs_outbox_disconnected(struct jobs_outbox *o) {
         struct report **p = &o->queue;
+
+        assert(o);
 
         /* Progress is dropped when offline (jobs.h); a newer one follows
          * soon enough. */
@@ -436,6 +448,9 @@ void jobs_outbox_disconnected(struct jobs_outbox *o) {
 }
 
 bool jobs_outbox_has_terminal(const struct jobs_outbox *o, const char *job_id) {
+        assert(o);
+        assert(job_id);
+
         for (const struct report *r = o->queue; r; r = r->next)
                 if (strcmp(r->job_id, job_id) == 0 && job_status_is_terminal(r->status))
                         return true;

@@ -5,6 +5,7 @@
  * costs no stack and the scan can report where cJSON's limit was passed and
  * carry on to members that come after the deep part.
  */
+#include <assert.h>
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -64,6 +65,8 @@ static size_t utf8_sequence(const unsigned char *p, size_t left) {
 
 size_t json_scan_utf8_invalid(const char *text, size_t len) {
         const unsigned char *p = (const unsigned char *) text;
+
+        assert(text || len == 0);
 
         for (size_t i = 0; i < len;) {
                 size_t n = utf8_sequence(p + i, len - i);
@@ -250,6 +253,10 @@ int json_scan(const char *text, size_t len, size_t max_depth, struct json_scan_m
                 .result = ret,
         };
         enum expect expect = EXPECT_VALUE;
+
+        assert(text || len == 0);
+        assert(members || n_members == 0);
+        assert(ret);
 
         *ret = (struct json_scan_result){ 0 };
         for (size_t m = 0; m < n_members; m++) {

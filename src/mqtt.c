@@ -23,6 +23,7 @@
  *    reset, EOF) is reported as "still connecting"; we notice it through
  *    EPOLLERR/EPOLLHUP/EPOLLRDHUP and the attempt's timeouts instead.
  */
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -145,6 +146,9 @@ static void cycle_start(struct mqtt_session *s);
 static void attempt_start(struct mqtt_session *s);
 
 bool mqtt_topic_matches(const char *filter, const char *topic) {
+        assert(filter);
+        assert(topic);
+
         /* MQTT 3.1.1 §4.7: '+' matches one level, '#' the rest (also the
          * parent level itself), wildcards never match a leading '$' level. */
         if (topic[0] == '$' && (filter[0] == '+' || filter[0] == '#'))
@@ -668,6 +672,9 @@ void mqtt_session_route(struct mqtt_session *s, const char *full_topic, const vo
         const char *topic;
         bool matched = false;
 
+        assert(s);
+        assert(payload || len == 0);
+
         /* Only our own thing's topics, whatever the broker sends (AWS routes
          * Jobs replies without a subscription). */
         if (!full_topic || strncmp(full_topic, s->prefix, s->prefix_len) != 0) {
@@ -826,10 +833,15 @@ static void cycle_start(struct mqtt_session *s) {
 }
 
 int mqtt_session_new(struct otad *otad, struct mqtt_session **ret) {
-        const struct otad_config *c = otad->config;
+        const struct otad_config *c;
         struct mqtt_session *s;
         int rc, r;
 
+        assert(otad);
+        assert(otad->config);
+        assert(ret);
+
+        c = otad->config;
         s = calloc(1, sizeof(*s));
         if (!s)
                 return log_error_errno(-ENOMEM, "Out of memory");
@@ -948,6 +960,8 @@ void mqtt_session_free(struct mqtt_session *s) {
 }
 
 int mqtt_session_start(struct mqtt_session *s) {
+        assert(s);
+
         if (s->state != SESSION_IDLE)
                 return -EALREADY;
         cycle_start(s);
@@ -955,15 +969,22 @@ int mqtt_session_start(struct mqtt_session *s) {
 }
 
 bool mqtt_session_is_connected(const struct mqtt_session *s) {
+        assert(s);
+
         return s->state == SESSION_CONNECTED;
 }
 
 const char *mqtt_session_thing_name(const struct mqtt_session *s) {
+        assert(s);
+
         return s->thing;
 }
 
 int mqtt_add_link_observer(struct mqtt_session *s, mqtt_link_fn fn, void *userdata) {
         struct link_observer *o = calloc(1, sizeof(*o)), **p;
+
+        assert(s);
+        assert(fn);
 
         if (!o)
                 return -ENOMEM;
@@ -977,6 +998,9 @@ int mqtt_add_link_observer(struct mqtt_session *s, mqtt_link_fn fn, void *userda
 
 int mqtt_add_connection_handler(struct mqtt_session *s, mqtt_connection_fn fn, void *userdata) {
         struct connection_handler *h = calloc(1, sizeof(*h)), **p;
+
+        assert(s);
+        assert(fn);
 
         if (!h)
                 return -ENOMEM;
@@ -993,6 +1017,9 @@ int mqtt_subscribe(struct mqtt_session *s, const char *filter, int qos, mqtt_mes
                    mqtt_subscribed_fn on_subscribed, void *userdata, struct mqtt_subscription **ret) {
         struct mqtt_subscription *sub, **p;
         size_t n = 1;
+
+        assert(s);
+        assert(filter);
 
         /* AWS IoT has no QoS 2: a SUBSCRIBE asking for it is never answered. */
         if (qos < 0 || qos > 1 || !on_message || !filter_is_valid(filter))
@@ -1054,6 +1081,10 @@ void mqtt_unsubscribe(struct mqtt_subscription *sub) {
 int mqtt_publish(struct mqtt_session *s, const char *topic, const void *payload, size_t len, int qos) {
         _cleanup_free_ char *full = NULL;
         int rc;
+
+        assert(s);
+        assert(topic);
+        assert(payload || len == 0);
 
         if (qos < 0 || qos > 1 || len > INT32_MAX)
                 return -EINVAL;

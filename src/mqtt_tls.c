@@ -10,6 +10,7 @@
  * OpenSSL's side and from the broker's alert, in our own words.
  */
 #include <arpa/inet.h>
+#include <assert.h>
 #include <errno.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
@@ -160,6 +161,10 @@ int mqtt_tls_new(const char *host, bool aws_alpn, const struct mqtt_tls_files *f
         unsigned char ip[16];
         int r = -ENOMEM;
 
+        assert(host);
+        assert(files);
+        assert(ret);
+
         t = calloc(1, sizeof(*t));
         if (!t)
                 return -ENOMEM;
@@ -266,6 +271,9 @@ int mqtt_tls_load(struct mqtt_tls *t, char *reason, size_t size) {
         X509 *cert = NULL, *extra;
         char error[160];
         int r;
+
+        assert(t);
+        assert(reason);
 
         r = load_ca(t, reason, size);
         if (r < 0)

@@ -6,6 +6,7 @@
  * query cancelled while the thread still waits is freed by whichever side
  * lets go last, so cancelling never blocks either.
  */
+#include <assert.h>
 #include <errno.h>
 #include <netdb.h>
 #include <pthread.h>
@@ -116,6 +117,11 @@ int resolve_start(sd_event *event, const char *host, resolve_done_fn done, void 
         pthread_t thread;
         sigset_t all, old;
         int r;
+
+        assert(event);
+        assert(host);
+        assert(done);
+        assert(ret);
 
         q = calloc(1, sizeof(*q));
         a = calloc(1, sizeof(*a));
