@@ -400,6 +400,10 @@ static void session_fail_errno(struct mqtt_session *s, int rc, int error) {
                 return;
         if (rc != MOSQ_ERR_ERRNO)
                 error = 0;
+        /* A TLS error needs a TCP connection, even one that came up and
+         * went inside mosquitto_connect_async() before we looked. */
+        if (rc == MOSQ_ERR_TLS)
+                s->tcp_connected = true;
         if (s->io)
                 mqtt_tls_read_pending(s->tls, mosquitto_socket(s->mosq) >= 0 ? -1 : sd_event_source_get_io_fd(s->io));
         if (s->connack_error[0]) {
