@@ -13,20 +13,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "jobs_protocol.h"
 #include "otad.h"
 
 typedef struct cJSON cJSON;
-
-enum job_status {
-        JOB_QUEUED,
-        JOB_IN_PROGRESS,
-        JOB_SUCCEEDED,
-        JOB_FAILED,
-        JOB_REJECTED,
-        JOB_TIMED_OUT,
-        JOB_REMOVED,
-        JOB_CANCELED,
-};
 
 /* One job execution as the service last described it. Read-only for handlers. */
 struct job {
@@ -60,14 +50,6 @@ struct job_handler {
          * out), or otad is stopping: stop its work now, report nothing. */
         void (*cancel)(const struct job *job, void *userdata);
         void *userdata;
-};
-
-/* A statusDetails pair; arrays of these end at key == NULL. Keys follow
- * [a-zA-Z0-9:_-]{1,128}, values are 1..1024 printable characters, at most
- * 10 pairs: jobs_update() refuses anything else with -EINVAL. */
-struct status_detail {
-        const char *key;
-        const char *value;
 };
 
 enum {
@@ -117,18 +99,3 @@ int jobs_update(struct jobs *jobs, const char *job_id, enum job_status status,
 /* Asks the service for the current job again ($next/get): e.g. to obtain a
  * fresh presigned URL. The answer arrives through the handler's refresh(). */
 int jobs_request_refresh(struct jobs *jobs);
-
-const char *job_status_to_string(enum job_status s);
-int job_status_from_string(const char *s, enum job_status *ret);
-/* Anything but QUEUED and IN_PROGRESS. */
-bool job_status_is_terminal(enum job_status s);
-
-/* Pure checks of the AWS limits (protocol.md §1.5, §1.7), for callers that
- * want to know before jobs_update() refuses: 0, -E2BIG (>10 pairs) or
- * -EINVAL. */
-int jobs_validate_status_details(const struct status_detail *details);
-bool jobs_job_id_is_valid(const char *id);
-/* Makes a NUL-terminated value that may quote outside bytes valid as a
- * statusDetails value, in place: invalid UTF-8 and control characters
- * become '?', it is cut to 1024 characters, an empty one becomes "-". */
-void jobs_detail_value_sanitize(char *value);

@@ -13,9 +13,14 @@
 
 #include <stdbool.h>
 
-#include "jobs.h"
+#include "jobs_protocol.h"
+#include "otad.h"
 
 struct jobs_outbox;
+
+/* Once per report: 0 when the service accepted it, or a negative errno
+ * when it finally refused it (-ENOTCONN: a progress report dropped offline). */
+typedef void (*jobs_outbox_done_fn)(int result, void *userdata);
 
 /* A report was settled: result 0 when the service accepted it (a progress
  * report: when it was sent), or -ESTALE (the execution takes no more
@@ -33,10 +38,11 @@ int jobs_outbox_new(struct otad *otad, struct mqtt_session *mqtt, jobs_outbox_se
 void jobs_outbox_free(struct jobs_outbox *o);
 
 /* Queues a report (arguments already validated, details may be NULL);
- * jobs_outbox_kick() sends it once it is the head of the queue.
- * flags: JOBS_UPDATE_PROGRESS. */
+ * jobs_outbox_kick() sends it once it is the head of the queue. progress:
+ * QoS 0, settled once sent, never retried, dropped when offline. */
 int jobs_outbox_add(struct jobs_outbox *o, const char *job_id, enum job_status status,
-                    const struct status_detail *details, unsigned flags, jobs_update_done_fn done, void *userdata);
+                    const struct status_detail *details, bool progress, jobs_outbox_done_fn done,
+                    void *userdata);
 /* Sends the head of the queue, unless the session is down or it is in
  * flight already: after jobs_outbox_add() and on every connect. */
 void jobs_outbox_kick(struct jobs_outbox *o);

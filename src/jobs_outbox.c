@@ -18,6 +18,7 @@
 #include "backoff.h"
 #include "clock.h"
 #include "jobs_outbox.h"
+#include "jobs_protocol.h"
 #include "log.h"
 #include "macro.h"
 #include "mqtt.h"
@@ -34,8 +35,8 @@ struct report {
         char *job_id;
         enum job_status status;
         char *details_json; /* serialized statusDetails object, or NULL */
-        unsigned flags;
-        jobs_update_done_fn done;
+        bool progress; /* QoS 0, fire and forget */
+        jobs_outbox_done_fn done;
         void *userdata;
         char token[CLIENT_TOKEN_MAX + 1];
         unsigned attempts;
@@ -106,7 +107,7 @@ static int code_to_errno(const char *code) {
 }
 
 static struct report *report_new(struct jobs_outbox *o, const char *job_id, enum job_status status,
-                                 const struct status_detail *details, unsigned flags, jobs_update_done_fn done,
+                                 const struct status_detail *details, bool progress, jobs_outbox_done_fn done,
                                  void *userdata) {
         struct report *r = calloc(1, sizeof(*r));
 
@@ -114,7 +115,7 @@ static struct report *report_new(struct jobs_outbox *o, const char *job_id, enum
                 return NULL;
         r->outbox = o;
         r->status = status;
-        r->flags = flags;
+        r->progress = progress;
         r->done = done;
         r->userdata = userdata;
         r->backoff = BACKOFF_INIT(RETRY_MIN_USEC, RETRY_MAX_USEC);
@@ -168,7 +169,7 @@ static void enqueue_fallback(struct jobs_outbox *o, const struct report *refused
                 jobs_detail_value_sanitize(detail);
                 d[1] = (struct status_detail){ "detail", detail };
         }
-        r = report_new(o, refused->job_id, JOB_FAILED, d, 0, NULL, NULL);
+        r = report_new(o, refused->job_id, JOB_FAILED, d, false, NULL, NULL);
         if (!r) {
                 job_log(LOG_ERR, refused->job_id, "Job %s: out of memory, cannot report it FAILED", refused->job_id);
                 return;
@@ -181,7 +182,7 @@ static void enqueue_fallback(struct jobs_outbox *o, const struct report *refused
 static void report_finish(struct jobs_outbox *o, struct report *r, int result, const char *code,
                           const char *message) {
         struct report **p = &o->queue;
-        jobs_update_done_fn done = r->done;
+        jobs_outbox_done_fn done = r->done;
         void *userdata = r->userdata;
 
         while (*p && *p != r)
@@ -254,7 +255,7 @@ static void report_send(struct report *r) {
                 return;
         }
         r->attempts++;
-        ret = mqtt_publish(o->mqtt, topic, body, strlen(body), (r->flags & JOBS_UPDATE_PROGRESS) ? 0 : 1);
+        ret = mqtt_publish(o->mqtt, topic, body, strlen(body), r->progress ? 0 : 1);
         if (ret == -ENOTCONN)
                 return; /* sent again on the next connect */
         if (ret < 0) {
@@ -264,7 +265,7 @@ static void report_send(struct report *r) {
                 return;
         }
         job_log(LOG_DEBUG, r->job_id, "Job %s: sent %s", r->job_id, body);
-        if (r->flags & JOBS_UPDATE_PROGRESS) {
+        if (r->progress) {
                 /* Progress is fire-and-forget, like the reference agent's "receive". */
                 progress_remember(o, r);
                 report_finish(o, r, 0, NULL, NULL);
@@ -399,8 +400,9 @@ void jobs_outbox_free(struct jobs_outbox *o) {
 }
 
 int jobs_outbox_add(struct jobs_outbox *o, const char *job_id, enum job_status status,
-                    const struct status_detail *details, unsigned flags, jobs_update_done_fn done, void *userdata) {
-        struct report *r = report_new(o, job_id, status, details, flags, done, userdata);
+                    const struct status_detail *details, bool progress, jobs_outbox_done_fn done,
+                    void *userdata) {
+        struct report *r = report_new(o, job_id, status, details, progress, done, userdata);
 
         assert(o);
         assert(job_id);
@@ -423,12 +425,12 @@ void jobs_outbox_disconnected(struct jobs_outbox *o) {
 
         assert(o);
 
-        /* Progress is dropped when offline (jobs.h); a newer one follows
+        /* Progress is dropped when offline; a newer one follows
          * soon enough. */
         while (*p) {
                 struct report *r = *p;
 
-                if (!(r->flags & JOBS_UPDATE_PROGRESS)) {
+                if (!r->progress) {
                         p = &r->next;
                         continue;
                 }
