@@ -277,6 +277,15 @@ class TestSession(JobsTestCase):
                           r"No such file or directory", CONNECT_TIMEOUT)
         self.assert_running(otad)
 
+    def test_unknown_host_is_named(self):
+        # Refused by the resolver's own syntax check: no DNS server is asked.
+        otad = self.start_otad(mqtt={"endpoint": "no..such..host"})
+        wait_until(lambda: len(otad.grep(r"Connection to no\.\.such\.\.host:\d+ failed: cannot look up "
+                                         r"no\.\.such\.\.host: Name or service not known$")) >= 2,
+                   CONNECT_TIMEOUT, "two failed lookups")
+        self.assertFalse(otad.grep(r"Connecting to"))
+        self.assert_running(otad)
+
     def test_no_tcp_answer_times_out(self):
         # A listener whose accept queue is full drops every further SYN, as
         # a broken path does: the connect gets no answer at all.
