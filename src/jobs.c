@@ -100,7 +100,7 @@ static void job_log(int level, const char *job_id, const char *format, ...) {
         va_list ap;
 
         va_start(ap, format);
-        log_fullv(level, 0, &(const struct log_fields){ .job_id = job_id, .stage = "jobs" }, format, ap);
+        log_fullv(level, 0, &(const struct log_fields){ .job_id = job_id }, format, ap);
         va_end(ap);
 }
 
@@ -211,7 +211,7 @@ int jobs_update(struct jobs *jobs, const char *job_id, enum job_status status, c
 
                 finished_add(jobs, c->job.id, c->job.execution_number);
                 log_milestone(status == JOB_SUCCEEDED ? LOG_INFO : LOG_WARNING, OTAD_MID_JOB_FINISHED, c->job.id,
-                              "jobs", "Job %s finished: %s", c->job.id, job_status_to_string(status));
+                              NULL, "Job %s finished: %s", c->job.id, job_status_to_string(status));
                 notify(jobs, JOBS_FINISHED, c->job.id, NULL, status);
                 current_free(c);
         }
@@ -307,7 +307,7 @@ static void job_refuse(struct jobs *jobs, const char *job_id, enum job_status cu
         finished_add(jobs, job_id, 0);
         r = jobs_update(jobs, job_id, s, d, 0, NULL, NULL);
         if (r < 0)
-                log_job_errno(LOG_ERR, r, job_id, "jobs", "Job %s: failed to queue the %s update: %m", job_id,
+                log_job_errno(LOG_ERR, r, job_id, NULL, "Job %s: failed to queue the %s update: %m", job_id,
                               job_status_to_string(s));
         notify(jobs, JOBS_FINISHED, job_id, NULL, s);
 }
@@ -421,7 +421,7 @@ static void job_start(struct jobs *jobs, cJSON *execution, const char *job_id, e
         char reason[256] = "", detail[512] = "";
         int r;
 
-        log_milestone(LOG_INFO, OTAD_MID_JOB_RECEIVED, job_id, "jobs", "Job %s received (%s, execution %" PRId64 ")",
+        log_milestone(LOG_INFO, OTAD_MID_JOB_RECEIVED, job_id, NULL, "Job %s received (%s, execution %" PRId64 ")",
                       job_id, job_status_to_string(status), execution_number);
 
         r = execution_document(execution, reason, sizeof(reason), detail, sizeof(detail));
@@ -659,7 +659,7 @@ static void on_unreadable_execution(struct jobs *jobs, const struct unreadable *
                 log_debug("Job %s delivered again (%s) while its final status is on the way, ignoring", id->value, source);
                 return;
         }
-        log_milestone(LOG_INFO, OTAD_MID_JOB_RECEIVED, id->value, "jobs", "Job %s received (%s, %zu bytes that cannot be parsed)",
+        log_milestone(LOG_INFO, OTAD_MID_JOB_RECEIVED, id->value, NULL, "Job %s received (%s, %zu bytes that cannot be parsed)",
                       id->value, job_status_to_string(status), len);
         if (jobs->current)
                 current_cancel(jobs, "another job is next");

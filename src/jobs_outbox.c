@@ -72,7 +72,7 @@ static void job_log(int level, const char *job_id, const char *format, ...) {
         va_list ap;
 
         va_start(ap, format);
-        log_fullv(level, 0, &(const struct log_fields){ .job_id = job_id, .stage = "jobs" }, format, ap);
+        log_fullv(level, 0, &(const struct log_fields){ .job_id = job_id }, format, ap);
         va_end(ap);
 }
 
@@ -259,7 +259,7 @@ static void report_send(struct report *r) {
         if (ret == -ENOTCONN)
                 return; /* sent again on the next connect */
         if (ret < 0) {
-                log_job_errno(LOG_ERR, ret, r->job_id, "jobs", "Job %s: failed to publish the %s update: %m",
+                log_job_errno(LOG_ERR, ret, r->job_id, NULL, "Job %s: failed to publish the %s update: %m",
                               r->job_id, job_status_to_string(r->status));
                 report_finish(o, r, ret, NULL, NULL);
                 return;
@@ -275,7 +275,7 @@ static void report_send(struct report *r) {
         ret = sd_event_add_time_relative(o->otad->event, &r->timer, CLOCK_MONOTONIC, REPLY_TIMEOUT_USEC, 0,
                                          on_report_timer, r);
         if (ret < 0)
-                log_job_errno(LOG_WARNING, ret, r->job_id, "jobs",
+                log_job_errno(LOG_WARNING, ret, r->job_id, NULL,
                               "Job %s: failed to arm the reply timeout: %m, ignoring", r->job_id);
 }
 
