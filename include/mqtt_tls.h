@@ -37,9 +37,10 @@ SSL_CTX *mqtt_tls_context(struct mqtt_tls *t);
  * file and what is wrong with it (missing, no PEM certificate, key that does
  * not belong to the certificate, ...). */
 int mqtt_tls_load(struct mqtt_tls *t, char *reason, size_t size);
-/* After a successful load: whether our certificate is outside its validity
- * period by this system's clock ("" when it is valid), e.g. "expired on ...". */
-void mqtt_tls_client_validity(const struct mqtt_tls *t, char *buf, size_t size);
+/* After a successful load: whether our certificate is inside its validity
+ * period by this system's clock: 0, or >0 expired, <0 not yet valid, with
+ * a sentence saying since or until when in buf. */
+int mqtt_tls_client_validity(const struct mqtt_tls *t, char *buf, size_t size);
 
 /* Forgets what the previous handshake reported; call before each attempt. */
 void mqtt_tls_attempt_begin(struct mqtt_tls *t);

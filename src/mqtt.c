@@ -130,7 +130,7 @@ struct mqtt_session {
         sd_event_source *attempt_timer;
 
         char connack_error[256]; /* why the broker refused this attempt's CONNECT */
-        char validity[256];      /* the last warning about our certificate's dates */
+        int validity;            /* of our certificate when last loaded, see mqtt_tls_client_validity() */
 
         struct mqtt_subscription *subs;
         struct sub_batch *batches;
@@ -821,11 +821,12 @@ static void cycle_start(struct mqtt_session *s) {
                 cycle_failed(s, reason);
                 return;
         }
-        mqtt_tls_client_validity(s->tls, validity, sizeof(validity));
-        if (validity[0] && strcmp(validity, s->validity) != 0)
+        /* Said once, not every cycle: the broker's verdict follows anyway. */
+        r = mqtt_tls_client_validity(s->tls, validity, sizeof(validity));
+        if (r != 0 && r != s->validity)
                 log_warning("The broker will refuse this certificate unless the clock is wrong: %s; connecting anyway",
                             validity);
-        snprintf(s->validity, sizeof(s->validity), "%s", validity);
+        s->validity = r;
 
         notify_link(s, MQTT_LINK_RESOLVING, 0, NULL);
         r = resolve_start(s->otad->event, s->host, on_resolved, s, &s->query);

@@ -330,7 +330,7 @@ fail:
         return r;
 }
 
-void mqtt_tls_client_validity(const struct mqtt_tls *t, char *buf, size_t size) {
+int mqtt_tls_client_validity(const struct mqtt_tls *t, char *buf, size_t size) {
         char now[40];
 
         format_now(now, sizeof(now));
@@ -342,6 +342,7 @@ void mqtt_tls_client_validity(const struct mqtt_tls *t, char *buf, size_t size) 
                          t->files.cert_file, t->cert_not_before, now);
         else
                 buf[0] = '\0';
+        return t->cert_validity;
 }
 
 void mqtt_tls_attempt_begin(struct mqtt_tls *t) {
