@@ -2,8 +2,10 @@
 /*
  * jobs: the AWS IoT Jobs client. Owns the current job execution (one at a
  * time, as $next/notify-next expose them), de-duplication of repeated
- * deliveries, status updates with clientToken correlation and retries, and
- * the dispatch of job documents to handler modules. Never does a job's work.
+ * deliveries, answering every job it is offered (one it cannot even parse is
+ * rejected by its jobId), and the dispatch of job documents to handler
+ * modules; status updates travel through jobs_outbox. Never does a job's
+ * work.
  */
 #pragma once
 
@@ -11,20 +13,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "jobs_protocol.h"
 #include "otad.h"
 
 typedef struct cJSON cJSON;
-
-enum job_status {
-        JOB_QUEUED,
-        JOB_IN_PROGRESS,
-        JOB_SUCCEEDED,
-        JOB_FAILED,
-        JOB_REJECTED,
-        JOB_TIMED_OUT,
-        JOB_REMOVED,
-        JOB_CANCELED,
-};
 
 /* One job execution as the service last described it. Read-only for handlers. */
 struct job {
@@ -60,14 +52,6 @@ struct job_handler {
         void *userdata;
 };
 
-/* A statusDetails pair; arrays of these end at key == NULL. Keys follow
- * [a-zA-Z0-9:_-]{1,128}, values are 1..1024 printable characters, at most
- * 10 pairs: jobs_update() refuses anything else with -EINVAL. */
-struct status_detail {
-        const char *key;
-        const char *value;
-};
-
 enum {
         /* Progress: QoS 0, not retried, dropped when offline (like the
          * reference agent's "receive" updates). */
@@ -78,6 +62,24 @@ enum {
  * or a negative errno when it finally refused it (reason in the journal). */
 typedef void (*jobs_update_done_fn)(int result, void *userdata);
 
+/* What the Jobs client is doing, for whoever shows it to a person (the
+ * daemon's STATUS= line). */
+enum jobs_activity {
+        JOBS_IDLE,     /* the service offers no job */
+        JOBS_RUNNING,  /* job_id went to the handler named handler */
+        JOBS_FINISHED, /* job_id ended locally with status */
+        JOBS_DROPPED,  /* the service no longer offers job_id (cancelled, removed, timed out) */
+};
+
+struct jobs_state {
+        enum jobs_activity activity;
+        const char *job_id;  /* all but IDLE */
+        const char *handler; /* RUNNING */
+        enum job_status status; /* FINISHED */
+};
+
+typedef void (*jobs_observer_fn)(const struct jobs_state *state, void *userdata);
+
 int jobs_new(struct otad *otad, struct jobs **ret);
 void jobs_free(struct jobs *jobs);
 int jobs_register_handler(struct jobs *jobs, const struct job_handler *handler);
@@ -85,6 +87,9 @@ int jobs_register_handler(struct jobs *jobs, const struct job_handler *handler);
  * holds is dropped locally without a status update or cancel() (the module
  * stopped the work itself); the service offers it again after a restart. */
 void jobs_unregister_handler(struct jobs *jobs, const char *name);
+/* Called on every change of what the client is doing, in registration
+ * order. */
+int jobs_add_observer(struct jobs *jobs, jobs_observer_fn fn, void *userdata);
 
 /* Publishes an UpdateJobExecution for job_id. A terminal status ends the
  * job locally and the client then asks for the next one. done may be NULL. */
@@ -94,12 +99,3 @@ int jobs_update(struct jobs *jobs, const char *job_id, enum job_status status,
 /* Asks the service for the current job again ($next/get): e.g. to obtain a
  * fresh presigned URL. The answer arrives through the handler's refresh(). */
 int jobs_request_refresh(struct jobs *jobs);
-
-const char *job_status_to_string(enum job_status s);
-int job_status_from_string(const char *s, enum job_status *ret);
-
-/* Pure checks of the AWS limits (protocol.md §1.5, §1.7), for callers that
- * want to know before jobs_update() refuses: 0, -E2BIG (>10 pairs) or
- * -EINVAL. */
-int jobs_validate_status_details(const struct status_detail *details);
-bool jobs_job_id_is_valid(const char *id);

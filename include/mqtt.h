@@ -2,9 +2,10 @@
 /*
  * mqtt: the one mutually-authenticated TLS MQTT 3.1.1 session to AWS IoT
  * (libmosquitto driven by the sd-event loop) and the topic router that hands
- * each message to the handler that registered its filter. Owns connecting,
- * reconnect backoff, subscriptions and the thing-name check; never interprets
- * a payload.
+ * each message to the handler that registered its filter. Owns resolving
+ * the endpoint, trying its addresses in turn, reconnect backoff, what a
+ * failed connection is reported as, subscriptions and the thing-name check;
+ * never interprets a payload. TLS details live in mqtt_tls.
  *
  * Topics are given relative to "$aws/things/<thing>/", e.g. "jobs/notify-next":
  * a module cannot subscribe to, publish to or receive another thing's topics.
@@ -33,6 +34,29 @@ bool mqtt_session_is_connected(const struct mqtt_session *s);
 const char *mqtt_session_thing_name(const struct mqtt_session *s);
 
 int mqtt_add_connection_handler(struct mqtt_session *s, mqtt_connection_fn fn, void *userdata);
+
+/* What the session is doing, for whoever shows it to a person (the daemon's
+ * STATUS= line). */
+enum mqtt_link_state {
+        MQTT_LINK_RESOLVING,  /* looking up host */
+        MQTT_LINK_CONNECTING, /* TCP, TLS and CONNACK with address */
+        MQTT_LINK_CONNECTED,  /* through address */
+        MQTT_LINK_WAITING,    /* retry_usec before the next attempt, because of reason */
+};
+
+struct mqtt_link {
+        enum mqtt_link_state state;
+        const char *host;
+        int port;
+        const char *address; /* CONNECTING, CONNECTED: the numeric address, else NULL */
+        uint64_t retry_usec; /* WAITING */
+        const char *reason;  /* WAITING: why the attempt failed or the connection ended */
+};
+
+typedef void (*mqtt_link_fn)(const struct mqtt_link *link, void *userdata);
+
+/* Called on every change of the link state, in registration order. */
+int mqtt_add_link_observer(struct mqtt_session *s, mqtt_link_fn fn, void *userdata);
 
 /* Registers filter (relative, may contain + and #) with the router and
  * subscribes now or on the next connect. on_subscribed may be NULL. */

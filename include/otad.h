@@ -19,6 +19,19 @@ struct custom_jobs;
 struct installer;
 struct bootloader;
 
+/* The parts of the one STATUS= line, each kept by daemon.c from what a
+ * module told it through a callback: the MQTT session's link, the Jobs
+ * client's job, and the update pipeline's stage and percent of a job. */
+struct otad_status {
+        char link[224];          /* "connected to host:port" */
+        char job[128];           /* "job J (handler)", "no pending job" */
+        char job_id[65];         /* the job the Jobs client runs, "" if none */
+        char update_job_id[65];  /* the job update[] is about */
+        char update[128];        /* "downloading file 1/1 over MQTT, 42%" */
+        bool stopping;
+        char line[576];          /* the last STATUS= sent */
+};
+
 struct otad {
         sd_event *event;
         struct otad_config *config;
@@ -26,9 +39,5 @@ struct otad {
         struct jobs *jobs;
         struct ota *ota;               /* afr_ota documents */
         struct custom_jobs *custom;    /* documents naming a configured handler */
-        char status[256];              /* last STATUS= sent to systemd */
+        struct otad_status status;
 };
-
-/* One human line for `systemctl status` (sd_notify STATUS=), also logged at
- * debug level. Cheap when unchanged. */
-void otad_set_status(struct otad *otad, const char *format, ...) __attribute__((format(printf, 2, 3)));

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
+#include <inttypes.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -8,6 +9,7 @@
 #include <sys/stat.h>
 #include <systemd/sd-daemon.h>
 
+#include "clock.h"
 #include "config.h"
 #include "custom_jobs.h"
 #include "daemon.h"
@@ -18,30 +20,96 @@
 #include "mqtt.h"
 #include "ota.h"
 
-void otad_set_status(struct otad *otad, const char *format, ...) {
-        char status[256];
-        va_list ap;
+/* ---- STATUS= ------------------------------------------------------------ */
 
-        va_start(ap, format);
-        vsnprintf(status, sizeof(status), format, ap);
-        va_end(ap);
-        if (strcmp(status, otad->status) == 0)
+/* One line from the parts: "connected to host:8883; job J: verifying". The
+ * update pipeline's part names the job it is about; it stands in for the
+ * Jobs client's part while that job runs (or before the Jobs client heard
+ * of it, e.g. a self-test right after a reboot). */
+static void status_publish(struct otad *otad) {
+        struct otad_status *st = &otad->status;
+        char line[sizeof(st->line)], job[sizeof(st->job) + sizeof(st->update) + 80];
+
+        if (st->stopping)
+                snprintf(line, sizeof(line), "stopping");
+        else {
+                if (st->update[0] && (!st->job_id[0] || strcmp(st->job_id, st->update_job_id) == 0))
+                        snprintf(job, sizeof(job), "job %s: %s", st->update_job_id, st->update);
+                else
+                        snprintf(job, sizeof(job), "%s", st->job);
+                snprintf(line, sizeof(line), "%s%s%s", st->link, st->link[0] && job[0] ? "; " : "", job);
+        }
+        if (strcmp(line, st->line) == 0)
                 return;
-        memcpy(otad->status, status, sizeof(status));
-        log_debug("Status: %s", status);
-        sd_notifyf(false, "STATUS=%s", status);
+        snprintf(st->line, sizeof(st->line), "%s", line);
+        log_debug("Status: %s", line);
+        sd_notifyf(false, "STATUS=%s", line);
 }
 
-/* The update's part of the STATUS= line, as the OTA handler tells it. */
-static void on_update_status(const char *job_id, const char *stage, int percent, void *userdata) {
+static void on_link(const struct mqtt_link *link, void *userdata) {
         struct otad *otad = userdata;
+        char *buf = otad->status.link;
+        size_t size = sizeof(otad->status.link);
 
-        if (!job_id)
-                otad_set_status(otad, "idle, waiting for jobs");
-        else if (percent >= 0)
-                otad_set_status(otad, "job %s: %s, %d%%", job_id, stage, percent);
-        else
-                otad_set_status(otad, "job %s: %s", job_id, stage);
+        switch (link->state) {
+        case MQTT_LINK_RESOLVING:
+                snprintf(buf, size, "looking up %s", link->host);
+                break;
+        case MQTT_LINK_CONNECTING:
+                snprintf(buf, size, "connecting to %s:%d (%s)", link->host, link->port, link->address);
+                break;
+        case MQTT_LINK_CONNECTED:
+                snprintf(buf, size, "connected to %s:%d", link->host, link->port);
+                break;
+        case MQTT_LINK_WAITING:
+                snprintf(buf, size, "reconnecting in %" PRIu64 " s: %.160s",
+                         (link->retry_usec + USEC_PER_SEC / 2) / USEC_PER_SEC, link->reason ? link->reason : "");
+                break;
+        }
+        status_publish(otad);
+}
+
+/* The update's part, as the OTA handler tells it (ota_status_fn): stage
+ * (and percent, when >= 0) of job_id; job_id NULL clears it. */
+static void on_update_progress(const char *job_id, const char *stage, int percent, void *userdata) {
+        struct otad_status *st = &((struct otad *) userdata)->status;
+
+        if (!job_id || !stage) {
+                st->update[0] = st->update_job_id[0] = '\0';
+        } else {
+                snprintf(st->update_job_id, sizeof(st->update_job_id), "%.64s", job_id);
+                if (percent >= 0)
+                        snprintf(st->update, sizeof(st->update), "%s, %d%%", stage, percent);
+                else
+                        snprintf(st->update, sizeof(st->update), "%s", stage);
+        }
+        status_publish(userdata);
+}
+
+static void on_jobs(const struct jobs_state *state, void *userdata) {
+        struct otad *otad = userdata;
+        struct otad_status *st = &otad->status;
+
+        switch (state->activity) {
+        case JOBS_IDLE:
+                snprintf(st->job, sizeof(st->job), "no pending job");
+                break;
+        case JOBS_RUNNING:
+                snprintf(st->job, sizeof(st->job), "job %s (%s)", state->job_id, state->handler);
+                break;
+        case JOBS_FINISHED:
+                snprintf(st->job, sizeof(st->job), "job %s %s", state->job_id, job_status_to_string(state->status));
+                break;
+        case JOBS_DROPPED:
+                snprintf(st->job, sizeof(st->job), "job %s no longer offered", state->job_id);
+                break;
+        }
+        snprintf(st->job_id, sizeof(st->job_id), "%.64s", state->activity == JOBS_RUNNING ? state->job_id : "");
+        /* What the pipeline said about another job, or about this one before
+         * it ended, is over. */
+        if (state->activity != JOBS_RUNNING || strcmp(st->update_job_id, state->job_id) != 0)
+                st->update[0] = st->update_job_id[0] = '\0';
+        status_publish(otad);
 }
 
 static int on_terminate(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
@@ -49,7 +117,8 @@ static int on_terminate(sd_event_source *s, const struct signalfd_siginfo *si, v
 
         log_milestone(LOG_INFO, OTAD_MID_STOPPING, NULL, NULL, "Received %s, stopping", strsignal((int) si->ssi_signo));
         sd_notify(false, "STOPPING=1");
-        otad_set_status(otad, "stopping");
+        otad->status.stopping = true;
+        status_publish(otad);
         return sd_event_exit(sd_event_source_get_event(s), 0);
 }
 
@@ -113,9 +182,13 @@ int otad_new(struct otad_config *config, struct otad **ret) {
          * that register with the Jobs client; each logs its own failure. */
         r = mqtt_session_new(otad, &otad->mqtt);
         if (r >= 0)
+                r = mqtt_add_link_observer(otad->mqtt, on_link, otad);
+        if (r >= 0)
                 r = jobs_new(otad, &otad->jobs);
         if (r >= 0)
-                r = ota_new(otad, on_update_status, otad, &otad->ota);
+                r = jobs_add_observer(otad->jobs, on_jobs, otad);
+        if (r >= 0)
+                r = ota_new(otad, on_update_progress, otad, &otad->ota);
         if (r >= 0)
                 r = custom_jobs_new(otad, &otad->custom);
         if (r < 0)

@@ -80,11 +80,38 @@ int main(void) {
                                                            D("k8", "v"), D("k9", "v"), D("k10", "v"), END }),
                    -E2BIG, "11 pairs");
 
+        /* Reasons that quote outside bytes are made valid, never refused
+         * (a refused terminal update would leave the job blocking the queue). */
+        {
+                char v[2048];
+
+                strcpy(v, "cut \xc3");
+                jobs_detail_value_sanitize(v);
+                tap_is_str(v, "cut ?", "a cut UTF-8 sequence becomes '?'");
+                strcpy(v, "tab\there\x85nel \xc2\x85");
+                jobs_detail_value_sanitize(v);
+                tap_ok(details((const struct status_detail[]){ D("reason", v), END }) == 0,
+                       "controls replaced: \"%s\" is valid", v);
+                strcpy(v, "");
+                jobs_detail_value_sanitize(v);
+                tap_is_str(v, "-", "an empty value becomes \"-\"");
+                memset(v, 'x', 1500);
+                v[1500] = '\0';
+                jobs_detail_value_sanitize(v);
+                tap_is_int((long long) strlen(v), 1024, "cut to 1024 characters");
+                strcpy(v, "caf\xc3\xa9 \xe2\x9c\x93");
+                jobs_detail_value_sanitize(v);
+                tap_is_str(v, "caf\xc3\xa9 \xe2\x9c\x93", "printable UTF-8 stays as it is");
+        }
+
         /* status names on the wire */
         tap_is_str(job_status_to_string(JOB_SUCCEEDED), "SUCCEEDED", "SUCCEEDED, not SUCCESS");
         tap_is_str(job_status_to_string(JOB_IN_PROGRESS), "IN_PROGRESS", "IN_PROGRESS");
         tap_ok(job_status_from_string("CANCELED", &s) == 0 && s == JOB_CANCELED, "CANCELED parses");
         tap_ok(job_status_from_string("CANCELLED", &s) == -EINVAL, "British spelling is not a status");
         tap_ok(job_status_from_string(NULL, &s) == -EINVAL, "NULL is not a status");
+        tap_ok(!job_status_is_terminal(JOB_QUEUED) && !job_status_is_terminal(JOB_IN_PROGRESS) &&
+                       job_status_is_terminal(JOB_REJECTED) && job_status_is_terminal(JOB_CANCELED),
+               "terminal statuses");
         return tap_done();
 }

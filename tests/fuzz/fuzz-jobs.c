@@ -16,12 +16,6 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-/* daemon.c's, without sd_notify. */
-void otad_set_status(struct otad *otad, const char *format, ...) {
-        (void) otad;
-        (void) format;
-}
-
 static struct otad otad;
 static struct otad_config config;
 

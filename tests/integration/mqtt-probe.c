@@ -77,7 +77,8 @@ int main(int argc, char *argv[]) {
                 probes[i] = (struct probe){ &otad, argv[i + 2], &left };
                 r = mqtt_subscribe(otad.mqtt, argv[i + 2], 1, on_message, on_subscribed, &probes[i], NULL);
                 if (r < 0) {
-                        fprintf(stderr, "mqtt-probe: cannot register %s: %s\n", argv[i + 2], strerror(-r));
+                        errno = -r;
+                        fprintf(stderr, "mqtt-probe: cannot register %s: %m\n", argv[i + 2]);
                         return 1;
                 }
         }

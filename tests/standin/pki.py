@@ -4,7 +4,8 @@
 Owns: one directory holding a CA, the broker's server certificate, one client
 certificate per thing (CN = thing name, like an AWS IoT thing certificate), the
 `service` client certificate the stand-in uses, a rogue certificate from a
-foreign CA, and two ECDSA P-256 code-signing identities (trusted, untrusted).
+foreign CA, two ECDSA P-256 code-signing identities (trusted, untrusted), and
+on request expired client certificates.
 Never talks to the network.
 """
 
@@ -114,22 +115,30 @@ class Pki:
         os.chmod(pki.path("ca.key"), 0o600)
         return pki
 
-    def add_client(self, name):
+    def add_client(self, name, days=DAYS):
         """Issues a client certificate with CN=name; its key is mode 0600
-        because otad refuses group/world-readable private keys."""
+        because otad refuses group/world-readable private keys. days=-1
+        makes one that expired a day before it was issued."""
         self._issue(name, name, "extendedKeyUsage=clientAuth\n"
-                                "basicConstraints=CA:FALSE\n")
+                                "basicConstraints=CA:FALSE\n", days)
         os.chmod(self.client_key(name), 0o600)
         os.chmod(self.client_cert(name), 0o644)
 
-    def _issue(self, stem, cn, extensions):
+    def add_expired_client(self, name):
+        """A client certificate of the CA for CN=name whose notAfter lies a
+        day in the past: the broker refuses it with the TLS alert
+        "certificate expired". Returns (cert, key)."""
+        self.add_client(name, days="-1")
+        return self.client_cert(name), self.client_key(name)
+
+    def _issue(self, stem, cn, extensions, days=DAYS):
         with open(self.path(stem + ".ext"), "w") as f:
             f.write(extensions)
         _openssl(["req"] + EC_P256 + ["-keyout", stem + ".key",
                   "-out", stem + ".csr", "-subj", "/CN=" + cn], self.dir)
         _openssl(["x509", "-req", "-in", stem + ".csr", "-CA", "ca.crt",
                   "-CAkey", "ca.key", "-CAcreateserial", "-out", stem + ".crt",
-                  "-days", DAYS, "-extfile", stem + ".ext"], self.dir)
+                  "-days", str(days), "-extfile", stem + ".ext"], self.dir)
         os.unlink(self.path(stem + ".csr"))
         os.unlink(self.path(stem + ".ext"))
 
