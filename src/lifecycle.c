@@ -1371,9 +1371,11 @@ static void resume(struct lifecycle *lc) {
         case STAGE_ACTIVATE:
                 if (on_new)
                         (void) fire(lc, EV_BOOTED_NEW, NULL, NULL);
-                else if (!r->new_slot[0] || r->activated < r->n_images)
+                else if (r->activated < r->n_images)
                         return; /* an unfinished activation needs the job document */
-                else if (new_slot_try_pending(lc))
+                else if (!r->new_slot[0] || new_slot_try_pending(lc))
+                        /* Every image took effect: what is left (the report,
+                         * the reboot) needs no document. */
                         restarted(lc);
                 else
                         fire_fell_back(lc);

@@ -24,6 +24,8 @@
  *
  * Environment: FAULTSHIM_STATE_DIR, FAULTSHIM_STAGE, FAULTSHIM_KIND,
  * FAULTSHIM_RECORD (the record's file name, default lifecycle.json),
+ * FAULTSHIM_NTH (the how-manieth record of that stage, default 1: a stage
+ * is recorded again when it makes progress, e.g. each image activated),
  * FAULTSHIM_ONCE (a file created when the fault fires; while it exists the
  * shim does nothing, so a restarted otad runs clean), FAULTSHIM_WATCH
  * (':'-separated paths whose unsynced writes a power cut undoes, besides
@@ -56,6 +58,7 @@ static char record_tmp[NAME_MAX + 8];
 static char watch[8][PATH_MAX];
 static size_t n_watch;
 static int trigger_fd = -1; /* the record being written holds the stage */
+static unsigned nth = 1, seen;
 
 /* Undo log for a power cut: old contents of ranges written since the
  * file's last fsync, and renames whose directory was not synced. */
@@ -109,6 +112,8 @@ __attribute__((constructor)) static void init(void) {
         copy_env(bootenv, sizeof(bootenv), "FAULTSHIM_BOOTENV");
         copy_env(kind_name, sizeof(kind_name), "FAULTSHIM_KIND");
         copy_env(list, sizeof(list), "FAULTSHIM_WATCH");
+        if (getenv("FAULTSHIM_NTH"))
+                nth = (unsigned) strtoul(getenv("FAULTSHIM_NTH"), NULL, 10);
         copy_env(record_tmp, sizeof(record_tmp) - 5, "FAULTSHIM_RECORD");
         if (!*record_tmp)
                 strcpy(record_tmp, "lifecycle.json");
@@ -279,7 +284,7 @@ static int injected_errno(const char *path, const void *buf, size_t len, bool *r
                           memmem(buf, len, stage_pattern[1], strlen(stage_pattern[1])));
                 if (fired && (kind == ENOSPC_KIND || kind == EROFS_KIND))
                         return kind == ENOSPC_KIND ? ENOSPC : EROFS;
-                if (!fired && record) {
+                if (!fired && record && ++seen >= nth) {
                         *ret_trigger = true;
                         if (kind == ENOSPC_KIND || kind == EROFS_KIND) {
                                 fire();
