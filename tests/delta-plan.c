@@ -6,6 +6,8 @@
  * copies the reused chunks into OUT, "fetches" the rest from the bundle's
  * local part files through the plan's fetch ranges into the payload
  * decoder, fdatasyncs and checks OUT against the manifest's image SHA-256.
+ * With --target, chunks already in that file at their offsets are kept:
+ * then --install must name the same file (a resume).
  *
  *   delta-plan [--offset-lookup] [--target FILE] [--ranges FILE] [--install OUT] MANIFEST ACTIVE
  *
@@ -147,6 +149,12 @@ int main(int argc, char *argv[]) {
         if (argc - optind != 2) {
                 fprintf(stderr, "usage: delta-plan [--offset-lookup] [--target FILE] [--ranges FILE] "
                                 "[--install OUT] MANIFEST ACTIVE\n");
+                return 2;
+        }
+        /* Chunks found in the target are left where they are: the install
+         * must write into that very file. */
+        if (install_path && target_path && strcmp(install_path, target_path) != 0) {
+                fprintf(stderr, "delta-plan: --install writes into the --target it looked in: give the same file\n");
                 return 2;
         }
         if (read_file_full(argv[optind], BUNDLE_MANIFEST_MAX, &text, &size) < 0 ||
