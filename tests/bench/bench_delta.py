@@ -38,7 +38,9 @@ Measured per pair:
   * the scan (reading the active slot, cutting it with gear64, SHA-256 of
     each piece) against `zck --compression-format=none -h sha256` cutting
     and hashing the same image into tmpfs, both from the page cache, best
-    of 3 (target: >= 90 % of zck's rate); look-ups 1 and 3 on and off;
+    of 3 (target: >= 90 % of zck's rate); look-up 3 on and off, look-up 1
+    on a target half written (resume) and on one holding the old image (a
+    first install into a slot that still holds an older release);
   * peak RssAnon of the scan for the 400 MiB and a 1 GiB image (flat).
 Needs root (debootstrap, chroot, loop mounts) and Debian's mirror once.
 Run: meson test -C build --benchmark -v delta   (or this file directly with
@@ -290,6 +292,9 @@ def measure(name, old, new, mib, full):
         sh("head -c %d '%s' > '%s' && tail -c +%d '%s' >> '%s'" % (half, new, target, half + 1, old, target))
         r["plan_resume"] = plan(manifest, old, "--target", target)
         os.unlink(target)
+        # A first install into an inactive slot that still holds an older
+        # image (here: the old one too, as after an A/B update to it).
+        r["plan_older"] = plan(manifest, old, "--target", old)
         out = os.path.join(work, "slot.img")
         r["install"] = plan(manifest, old, "--install", out)
         os.unlink(out)
@@ -451,17 +456,20 @@ def report(rows, scans, identical):
     print("\nWhich look-ups pay off:\n")
     print("| pair | 2: active slot, content-defined | 2 + 3: missing chunks at their own offset |"
           " reused chunks taken from their own offset (identical chunks, e.g. zeros, all come from the first) |"
-          " resume after 50 %: 1 (target at its offsets) + 2 |")
-    print("|---|---|---|---|---|")
+          " resume after 50 %: 1 (target at its offsets) + 2 |"
+          " first install, the target holding the old image: 1 + 2 |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         if "plan_offsets" not in r:
             continue
-        p, o, s = r["plan"], r["plan_offsets"], r["plan_resume"]
+        p, o, s, t = r["plan"], r["plan_offsets"], r["plan_resume"], r["plan_older"]
         print("| %s | %d fetched, %.2f s | %d fetched (%d found, %.0f KB less), %.2f s | %d of %d | "
-              "%d in place, %d copied, %d fetched, %.2f s |"
+              "%d in place, %d copied, %d fetched, %.2f s | %d in place (%.0f MB not written), %d copied, "
+              "%d fetched, %.2f s |"
               % (r["name"], p["fetch"], p["scan_s"], o["fetch"], o["by_offset"],
                  (p["fetch_payload_bytes"] - o["fetch_payload_bytes"]) / 1e3, o["scan_s"], p["same_offset"],
-                 p["active"], s["in_place"], s["active"], s["fetch"], s["scan_s"]))
+                 p["active"], s["in_place"], s["active"], s["fetch"], s["scan_s"], t["in_place"],
+                 t["in_place_bytes"] / 1e6, t["active"], t["fetch"], t["scan_s"]))
     print("\nEvery install (delta-plan --install) ended with the slot matching the manifest's image SHA-256.")
 
 
