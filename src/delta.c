@@ -430,14 +430,14 @@ int delta_scan(struct delta_plan *p, const struct delta_scan_options *o) {
                 if (r < 0)
                         goto finish;
         }
+        if (!anything_to_find(p))
+                goto finish; /* a resume that had it all */
         if (!o->active.read || o->active.size == 0) {
-                /* The target may still have served a resume. */
                 set_fallback(p, "no readable active slot");
                 goto finish;
         }
         start = clock_now_usec();
-        if (anything_to_find(p))
-                r = scan_active(p, o, ctx, sha256, buf);
+        r = scan_active(p, o, ctx, sha256, buf);
         if (r >= 0 && o->offset_lookup && !p->stats.fallback[0] && anything_to_find(p))
                 r = scan_active_offsets(p, o, ctx, sha256, buf);
         p->stats.active_usec += clock_now_usec() - start;

@@ -6,6 +6,8 @@
  * copies the reused chunks into OUT, "fetches" the rest from the bundle's
  * local part files through the plan's fetch ranges into the payload
  * decoder, fdatasyncs and checks OUT against the manifest's image SHA-256.
+ * With --target, chunks already in that file at their offsets are kept:
+ * then --install must name the same file (a resume).
  *
  *   delta-plan [--offset-lookup] [--target FILE] [--ranges FILE] [--install OUT] MANIFEST ACTIVE
  *
@@ -149,6 +151,12 @@ int main(int argc, char *argv[]) {
                                 "[--install OUT] MANIFEST ACTIVE\n");
                 return 2;
         }
+        /* Chunks found in the target are left where they are: the install
+         * must write into that very file. */
+        if (install_path && target_path && strcmp(install_path, target_path) != 0) {
+                fprintf(stderr, "delta-plan: --install writes into the --target it looked in: give the same file\n");
+                return 2;
+        }
         if (read_file_full(argv[optind], BUNDLE_MANIFEST_MAX, &text, &size) < 0 ||
             bundle_manifest_parse(text, size, &m, err, sizeof(err)) < 0) {
                 fprintf(stderr, "delta-plan: bad manifest %s: %s\n", argv[optind], err);
@@ -279,11 +287,13 @@ int main(int argc, char *argv[]) {
         s = delta_plan_stats(p);
         delta_stats_format(s, line, sizeof(line));
         fprintf(stderr, "%s\n", line);
-        printf("delta-plan: chunks=%u in_place=%u active=%u same_offset=%u by_offset=%u fetch=%u "
+        printf("delta-plan: chunks=%u in_place=%u in_place_bytes=%llu active=%u active_bytes=%llu same_offset=%u "
+               "by_offset=%u fetch=%u "
                "fetch_payload_bytes=%llu fetch_image_bytes=%llu payload_bytes=%llu header_bytes=%u "
                "target_read=%llu active_read=%llu scan_s=%.3f scan_cpu_s=%.3f copy_s=%.3f copied_bytes=%llu "
                "fetch_s=%.3f verify_s=%.3f rss_anon_max_kib=%lu read_errors=%u copy_errors=%u fallback=%s\n",
-               s->chunks, s->in_place_chunks, s->active_chunks, s->active_same_offset_chunks,
+               s->chunks, s->in_place_chunks, (unsigned long long) s->in_place_bytes, s->active_chunks,
+               (unsigned long long) s->active_bytes, s->active_same_offset_chunks,
                s->active_offset_lookup_chunks, s->fetch_chunks, (unsigned long long) s->fetch_payload_bytes,
                (unsigned long long) s->fetch_image_bytes, (unsigned long long) s->payload_bytes, m->header_size,
                (unsigned long long) s->target_read_bytes, (unsigned long long) s->active_read_bytes,

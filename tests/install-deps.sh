@@ -6,14 +6,16 @@
 # tests/test-uboot-boot.c;
 # libzck, zstd, zchunk and python3-botocore: update bundles, tests/test-bundle.c
 # and tests/integration/test_bundle_tool.py; zchunk also makes the pair of
-# payloads tests/bench/bench_ranges.py measures against.)
+# payloads tests/bench/bench_ranges.py measures against; debootstrap: the
+# root file systems of the benchmarks tests/bench/bench_bundle.py and
+# bench_delta.py; rsync: bench_delta.py derives a new image from an old one.)
 set -eu
 
 packages="
   meson ninja-build pkg-config gcc libc6-dev
   libmosquitto-dev libssl-dev libcjson-dev libcbor-dev libsystemd-dev
   libcurl4-openssl-dev libubootenv-dev
-  libzck-dev libzstd-dev zchunk zstd python3-botocore
+  libzck-dev libzstd-dev zchunk zstd python3-botocore debootstrap rsync
   mosquitto mosquitto-clients openssl curl ca-certificates
   python3 python3-paho-mqtt python3-cbor2 python3-cryptography
   nginx-light grub-common libubootenv-tool u-boot-tools

@@ -487,6 +487,16 @@ static void test_resume(void) {
         tap_ok(s->copied_bytes == s->active_bytes, "only what was not in place is written");
         tap_ok(fetch_rest(&bundle, p) >= 0 && same(&target.b, &new_image), "the slot holds the new image");
         delta_plan_free(p);
+
+        /* Interrupted after the last write: everything is in place, and
+         * that is no fallback, active slot or not. */
+        p = plan_for(&bundle, &target);
+        s = delta_plan_stats(p);
+        so.active = (struct delta_source) { 0 };
+        tap_is_int(delta_scan(p, &so), 0, "resume of a complete slot");
+        tap_ok(s->in_place_chunks == s->chunks && s->fetch_chunks == 0 && s->fallback[0] == '\0',
+               "all %u chunks in place, nothing to fetch, no fallback (\"%s\")", s->in_place_chunks, s->fallback);
+        delta_plan_free(p);
         free(active.b.data);
         free(target.b.data);
 }
