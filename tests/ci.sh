@@ -35,16 +35,17 @@ phase() {
 }
 phase_done() {
         s=$(($(date +%s) - phase_start))
-        printf '%-28s %4d s\n' "$phase_name" "$s" >> "$results/times"
+        printf '%-36s %4d s\n' "$phase_name" "$s" >> "$results/times"
         echo "=== ci.sh: $phase_name took $s s"
 }
 
 # run_tests RUN DIR [meson test args]: one run's results go to
-# DIR/meson-logs/RUN.json, listed in $results/runs.
+# DIR/meson-logs/RUN.json (RUN-SETUP.json with --setup), listed in
+# $results/runs.
 run_tests() {
         run=$1 dir=$2
         shift 2
-        echo "$run $dir/meson-logs/$run.json" >> "$results/runs"
+        echo "$run $dir/meson-logs $run" >> "$results/runs"
         meson test -C "$dir" --logbase "$run" --print-errorlogs --num-processes 2 "$@"
 }
 
@@ -105,12 +106,12 @@ fi
 echo
 echo "=== ci.sh: time per phase"
 cat "$results/times"
-printf '%-28s %4d s\n' "total" "$(($(date +%s) - started))"
+printf '%-36s %4d s\n' "total" "$(($(date +%s) - started))"
 echo
 echo "=== ci.sh: results"
 # One line per run, then the closing line that any CI reads.
 /usr/bin/python3 - "$results" <<'PY'
-import json, os, sys
+import glob, json, os, sys
 
 results = sys.argv[1]
 
@@ -120,15 +121,15 @@ def lines(name):
 
 total = [0, 0, 0]
 for entry in lines("runs"):
-    run, log = entry.split(" ", 1)
+    run, logdir, logbase = entry.split(" ")
     counts = [0, 0, 0]
     failed_names = []
-    try:
-        tests = [json.loads(l) for l in open(log) if l.strip()]
-    except OSError:
-        tests = []
+    logs = glob.glob(os.path.join(logdir, logbase + ".json")) + \
+        glob.glob(os.path.join(logdir, logbase + "-*.json"))
+    tests = [json.loads(l) for log in logs for l in open(log) if l.strip()]
+    if not logs:
         counts[1] += 1
-        failed_names.append("(no test log: %s)" % log)
+        failed_names.append("(no test log %s/%s.json)" % (logdir, logbase))
     for t in tests:
         if t["result"] in ("OK", "EXPECTEDFAIL"):
             counts[0] += 1
