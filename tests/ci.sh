@@ -1,6 +1,6 @@
 #!/bin/sh
 # The test command of README.md: on a fresh Debian 12 machine, as root,
-# installs what it needs and builds otad four ways, all with warnings as
+# installs what it needs and builds otad three ways (four runs), all with warnings as
 # errors, each from scratch:
 #   gcc     build-ci/        -O2 (debugoptimized), the whole suite
 #   clang   build-ci-clang/  --buildtype=debug (libm and every other library
