@@ -1,7 +1,7 @@
 #!/bin/sh
 # The test command of README.md: on a fresh Debian 12 machine, as root,
-# installs what it needs and builds otad three ways (four runs), all with warnings as
-# errors, each from scratch:
+# installs what it needs and builds otad three ways, each from scratch with
+# warnings as errors, for four runs:
 #   gcc     build-ci/        -O2 (debugoptimized), the whole suite
 #   clang   build-ci-clang/  --buildtype=debug (libm and every other library
 #                            linked for real, nothing inlined away), the unit
