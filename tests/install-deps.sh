@@ -23,6 +23,9 @@ packages="
   qemu-system-x86 ovmf grub-efi-amd64-bin mtools
   qemu-system-arm u-boot-qemu
 "
+# tests/ci.sh's clang debug build and fuzz runs: clang, its ASan/UBSan and
+# libFuzzer runtimes, llvm-symbolizer for the file:line in their reports.
+packages="$packages clang libclang-rt-14-dev llvm"
 
 missing=
 for p in $packages; do

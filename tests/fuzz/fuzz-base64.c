@@ -1,10 +1,11 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * libFuzzer target for verify.c's base64_decode(), which reads the job
- * document's signature text. Besides "no crash", it checks the decoder is
- * strict: whatever it accepts, re-encoded by OpenSSL, is exactly the input
- * without its skipped whitespace (one canonical form, RFC 4648 §3.5), and
- * the certfile mapping never yields a path.
+ * libFuzzer target for base64.c's base64_decode(), which reads the job
+ * document's signature text, and verify.c's certfile mapping. Besides "no
+ * crash", it checks the decoder is strict: whatever it accepts, re-encoded
+ * by OpenSSL, is exactly the input without its skipped whitespace (one
+ * canonical form, RFC 4648 §3.5), and the certfile mapping never yields a
+ * path.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -13,6 +14,7 @@
 #include <openssl/evp.h>
 
 #include "base64.h"
+#include "verify.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -3,7 +3,6 @@
  * $next/get and update answers, another thing's topics) through the router
  * into the Jobs client and the custom job handler. The session never
  * connects; the handler directory does not exist, so nothing is executed. */
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
