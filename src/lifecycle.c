@@ -976,7 +976,10 @@ static void verify_current_file(struct lifecycle *lc) {
                 fail_target(lc, OTA_PAL_RX_FILE_CREATE_FAILED, r, img, "");
                 return;
         }
-        start_verify(lc, img, index, lc->bundle ? img->count : 1,
+        /* A bundle's payload parts are the rest of its image's files (the
+         * manifest is files[0]): all of them, so that on_verified counts the
+         * image as verified and activation does not read it back again. */
+        start_verify(lc, img, index, lc->bundle ? img->first + img->count - index : 1,
                      lc->bundle || index + 1 == img->first + img->count);
 }
 

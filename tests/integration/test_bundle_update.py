@@ -165,6 +165,9 @@ class BundleUpdate(BundleCase):
         self.assertEqual(run(["grub-editenv", self.env, "set", "B_TRY=1"]).returncode, 0)
         self.start("B", "2.0.0")
         self.assertEqual(self.svc.wait_terminal(THING, job, timeout=60), "SUCCEEDED", self.otad.log()[-4000:])
+        # Read back and hashed once: a slot takes minutes to read on an SD card.
+        self.assertEqual(len(self.otad.grep(r"Verifying the bundle's image")), 1,
+                         "\n".join(self.otad.grep(r"verif")))
         return self.details(job)
 
     def test_bundle_installs_only_what_the_device_lacks_and_commits(self):
