@@ -54,8 +54,9 @@ EPOCH = 1700000000
 FS_UUID = "6f7c2a3e-0b1d-4e5f-8a9b-0c1d2e3f4a5b"
 HASH_SEED = "1b2c3d4e-5f60-4172-8394-a5b6c7d8e9f0"
 LABEL = "rootfs"
-# Bumped whenever a change here changes the bytes of a tree or an image.
-RECIPE_VERSION = 1
+# Bumped whenever a change here changes the bytes of a tree, or of an image.
+TREE_RECIPE = 1
+IMAGE_RECIPE = 2
 
 
 def log(text):
@@ -131,7 +132,7 @@ def _need_root(what):
 # ---- trees ------------------------------------------------------------------
 
 def tree_recipe(packages=()):
-    return {"recipe": RECIPE_VERSION, "suite": SUITE, "mirror": MIRROR, "variant": "minbase",
+    return {"recipe": TREE_RECIPE, "suite": SUITE, "mirror": MIRROR, "variant": "minbase",
             "include": list(BASE_PACKAGES), "packages": list(packages)}
 
 
@@ -226,15 +227,20 @@ def _staged_copy(tree, work, version):
     if version:
         _set_version(root, version)
     sh("find '%s' -newermt @%d -print0 | xargs -0r touch -h -d @%d" % (root, EPOCH, EPOCH), shell=True)
+    paths = ["/"]
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(top, name)[len(root):]
+            if '"' in p or "\n" in p:
+                raise ValueError("path %r cannot be quoted for debugfs" % p)
+            paths.append(p)
+    # In a fixed order: how many blocks debugfs writes back (counted in the
+    # superblock's s_kbytes_written) depends on the order of its edits.
     script = os.path.join(work, "times.debugfs")
     with open(script, "w") as f:
-        for top, dirs, files in os.walk(root):
-            for name in [""] + dirs + files:
-                p = os.path.join(top, name)[len(root):] or "/"
-                if '"' in p or "\n" in p:
-                    raise ValueError("path %r cannot be quoted for debugfs" % p)
-                for field in ("ctime", "atime", "crtime"):
-                    f.write('sif "%s" %s @%d\nsif "%s" %s_extra 0\n' % (p, field, EPOCH, p, field))
+        for p in sorted(paths, key=lambda p: p.encode()):
+            for field in ("ctime", "atime", "crtime"):
+                f.write('sif "%s" %s @%d\nsif "%s" %s_extra 0\n' % (p, field, EPOCH, p, field))
     return root, script
 
 
@@ -298,7 +304,7 @@ def build_ext4(tree, out, mib, version=None, previous=None):
 
 
 def image_path(tree, mib, version=None, previous=None):
-    key = _key({"recipe": RECIPE_VERSION, "tree": os.path.basename(tree), "mib": mib, "version": version,
+    key = _key({"recipe": IMAGE_RECIPE, "tree": os.path.basename(tree), "mib": mib, "version": version,
                 "uuid": FS_UUID, "hash_seed": HASH_SEED, "epoch": EPOCH,
                 "previous": os.path.basename(previous) if previous else None})
     return os.path.join(os.path.dirname(os.path.abspath(tree)), "%s-%s-%s%dM-%s.ext4" % (

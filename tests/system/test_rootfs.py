@@ -22,17 +22,18 @@ MIB = 1 << 20
 SIZE_MIB = 16
 
 
-def make_tree(root, seed=1):
+def make_tree(root, seed=1, reverse=False):
     """Directories, files of several sizes, a symlink, a hard link, an empty
     directory, an mtime after rootfs.EPOCH and one before, os-release as
-    Debian has it."""
+    Debian has it. reverse: the same tree, its files created in the other
+    order (another order of readdir())."""
     os.makedirs(os.path.join(root, "usr/lib"))
     os.makedirs(os.path.join(root, "etc/empty.d"))
     os.makedirs(os.path.join(root, "var/lib/pkg"))
     with open(os.path.join(root, "usr/lib/os-release"), "w") as f:
         f.write('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nVERSION_ID="12"\nID=debian\n')
     os.symlink("../usr/lib/os-release", os.path.join(root, "etc/os-release"))
-    for i in range(40):
+    for i in (reversed(range(40)) if reverse else range(40)):
         with open(os.path.join(root, "var/lib/pkg", "file-%02d" % i), "wb") as f:
             f.write(bytes([(i * seed) % 251]) * (i * 3001 + 17))
     os.link(os.path.join(root, "var/lib/pkg/file-03"), os.path.join(root, "etc/hardlink"))
@@ -75,8 +76,13 @@ class ReproducibleImages(unittest.TestCase):
                                        sorted(os.listdir(self.tree), reverse=True)] + [again], check=True)
         subprocess.run("find '%s' -type f -exec cat {} + > /dev/null" % again, shell=True, check=True)
         b = rootfs.build_ext4(again, self.path("b.ext4"), SIZE_MIB, "1.0.0")
+        # The same tree made again, each file created in the other order.
+        remade = self.path("remade")
+        make_tree(remade, reverse=True)
+        c = rootfs.build_ext4(remade, self.path("c.ext4"), SIZE_MIB, "1.0.0")
         self.assertEqual(os.path.getsize(a), SIZE_MIB * MIB)
         self.assertTrue(cmp(a, b), "two builds of the same tree differ")
+        self.assertTrue(cmp(a, c), "two builds of the same tree, made in another order, differ")
         fsck = subprocess.run(["e2fsck", "-fn", a], capture_output=True, text=True)
         self.assertEqual(fsck.returncode, 0, fsck.stdout + fsck.stderr)
 
