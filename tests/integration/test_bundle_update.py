@@ -168,7 +168,12 @@ class BundleUpdate(BundleCase):
         # Read back and hashed once: a slot takes minutes to read on an SD card.
         self.assertEqual(len(self.otad.grep(r"Verifying the bundle's image")), 1,
                          "\n".join(self.otad.grep(r"verif")))
-        return self.details(job)
+        details = self.details(job)
+        # Every status update says something new (each is a publish and a
+        # Jobs API call).
+        for before, after in zip(details, details[1:]):
+            self.assertNotEqual(before, after, details)
+        return details
 
     def test_bundle_installs_only_what_the_device_lacks_and_commits(self):
         v2 = image_v2(self.v1)
