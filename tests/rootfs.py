@@ -278,7 +278,7 @@ def build_ext4(tree, out, mib, version=None, previous=None):
             _need_root("an image derived from another")
             if os.path.getsize(previous) != mib << 20:
                 raise ValueError("%s is not %d MiB" % (previous, mib))
-            shutil.copyfile(previous, out)
+            sh(["cp", "--sparse=always", previous, out])
             journal = _journal_mib(out)
             mnt = os.path.join(work, "mnt")
             os.mkdir(mnt)
