@@ -179,7 +179,8 @@ def _apt_install(root, package):
     longer has those versions."""
     resolv = os.path.join(root, "etc/resolv.conf")
     saved = resolv + ".rootfs-saved"
-    os.rename(resolv, saved) if os.path.lexists(resolv) else None
+    if os.path.lexists(resolv):
+        os.rename(resolv, saved)
     shutil.copy("/etc/resolv.conf", resolv)
     # No daemon of the package is started in the chroot.
     policy = os.path.join(root, "usr/sbin/policy-rc.d")
@@ -201,7 +202,8 @@ def _apt_install(root, package):
         sh(["umount", proc])
     os.unlink(policy)
     os.unlink(resolv)
-    os.rename(saved, resolv) if os.path.lexists(saved) else None
+    if os.path.lexists(saved):
+        os.rename(saved, resolv)
 
 
 # ---- images -----------------------------------------------------------------
