@@ -53,7 +53,9 @@ def recipe_key():
 
 
 def rootfs_tree():
-    """The debootstrapped tree (tests/rootfs.py), built once."""
+    """The debootstrapped tree (tests/rootfs.py), built once; CACHE exists
+    after it (bench_delta.py keeps its images there)."""
+    os.makedirs(CACHE, exist_ok=True)
     try:
         return rootfs.tree(ROOTFS_CACHE)
     except PermissionError:
@@ -96,7 +98,6 @@ def main():
             return 0
     sizes = [int(s) for s in os.environ.get("BENCH_BUNDLE_SIZES", "0,1024").split(",")]
     tree = rootfs_tree()
-    os.makedirs(CACHE, exist_ok=True)
     work = tempfile.mkdtemp(prefix="otad-bench-bundle-", dir=CACHE)
     keys = os.path.join(work, "keys")
     os.makedirs(keys)
