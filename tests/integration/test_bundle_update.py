@@ -190,6 +190,28 @@ class BundleUpdate(BundleCase):
         self.assertLessEqual(served, self.manifest_size() + fetched + 64 * 1024)
         self.assertTrue(any(d and "fetched" in d for _, d in details[:-1]), "progress says fetched/reused too")
 
+    def test_the_next_update_back_into_slot_a_reuses_slot_b(self):
+        """A second update, the first's record of chunks still in the state
+        directory: it is another payload's, so nothing is taken for an
+        earlier run of this install."""
+        v2 = image_v2(self.v1)
+        self.install(self.queue(v2, "2.0.0", "bundle-first"), v2)
+        v3 = bytearray(v2)
+        v3[5 * MIB:5 * MIB + 30000] = random.Random(13).randbytes(30000)
+        v3 = bytes(v3)
+        job = self.queue(v3, "3.0.0", "bundle-second")
+        self.assertTrue(wait_for(lambda: self.reboot_count() == 2, 120), self.otad.log()[-4000:])
+        self.assertEqual(self.slot_bytes("a", len(v3)), v3, "slot A holds the newer image")
+        self.assertEqual(run(["grub-editenv", self.env, "set", "A_TRY=1"]).returncode, 0)
+        self.start("A", "3.0.0")
+        self.assertEqual(self.svc.wait_terminal(THING, job, timeout=60), "SUCCEEDED", self.otad.log()[-4000:])
+        final = self.details(job)[-1][1]
+        self.assertGreater(int(final["reused"]), IMAGE_SIZE // 2, final)
+        self.assertLess(int(final["fetched"]), self.payload_size() // 2, final)
+        installed = [line for line in self.otad.grep(r"Bundle installed into the target") if "bundle-second" in line]
+        self.assertEqual(len(installed), 1, installed)
+        self.assertIn(" 0 of ", installed[0], "no chunk was written before a restart: there was none")
+
     def test_bundle_without_a_usable_active_slot_fetches_everything(self):
         with open(self.slots["a"], "wb") as f:
             f.write(b"\xff" * 8 * MIB)  # nothing in common with the bundle
