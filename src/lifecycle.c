@@ -339,6 +339,9 @@ static void leave(struct lifecycle *lc, bool retire) {
                 /* The next start finds it reported and retires it again. */
                 log_job_errno(LOG_WARNING, r, lc->rec.job_id, stage_name(lc->rec.stage),
                               "Failed to remove %s/%s: %m, ignoring", state_dir(lc), STATE_CURRENT_FILE);
+        /* Nothing resumes this update any more: a bundle's chunk map and
+         * kept manifest go too, not to be read by the next install. */
+        forget_progress(lc);
         /* The journal's "job finished" milestone is the Jobs client's, once
          * per job, when the final status goes out. */
         if (retire)

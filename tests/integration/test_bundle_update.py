@@ -168,6 +168,10 @@ class BundleUpdate(BundleCase):
         # Read back and hashed once: a slot takes minutes to read on an SD card.
         self.assertEqual(len(self.otad.grep(r"Verifying the bundle's image")), 1,
                          "\n".join(self.otad.grep(r"verif")))
+        # What only resumed this install leaves with its record.
+        kept = lambda: {"bundle.chunks", "bundle.manifest"} & set(os.listdir(self.stack.state_dir(THING)))  # noqa: E731
+        wait_for(lambda: not kept(), 10)
+        self.assertEqual(kept(), set())
         details = self.details(job)
         # Every status update says something new (each is a publish and a
         # Jobs API call).
