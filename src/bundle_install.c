@@ -190,7 +190,11 @@ static int load_map(struct bundle_install *b) {
         r = blockmap_load(b->map_path, &b->map_file, b->boot_id, &loaded, &loaded_durable);
         if (r == -ENOENT)
                 return 0;
-        b->resumed = true;
+        /* Another payload's record (the last update's): this install
+         * starts now, nothing in the target is its own. A record that
+         * cannot be read may be this install's, torn: the target may hold
+         * its chunks, and the scan looks there. */
+        b->resumed = r != -ESTALE;
         if (r < 0 || blockmap_blocks(loaded) != b->n_chunks) {
                 log_job(LOG_NOTICE, b->job_id, "download", "Not resuming from %s: %s", b->map_path,
                         r == -ESTALE ? "it is another payload's" : "it cannot be read");

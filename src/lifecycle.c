@@ -339,6 +339,9 @@ static void leave(struct lifecycle *lc, bool retire) {
                 /* The next start finds it reported and retires it again. */
                 log_job_errno(LOG_WARNING, r, lc->rec.job_id, stage_name(lc->rec.stage),
                               "Failed to remove %s/%s: %m, ignoring", state_dir(lc), STATE_CURRENT_FILE);
+        /* Nothing resumes this update any more: a bundle's chunk map and
+         * kept manifest go too, not to be read by the next install. */
+        forget_progress(lc);
         /* The journal's "job finished" milestone is the Jobs client's, once
          * per job, when the final status goes out. */
         if (retire)
@@ -976,7 +979,10 @@ static void verify_current_file(struct lifecycle *lc) {
                 fail_target(lc, OTA_PAL_RX_FILE_CREATE_FAILED, r, img, "");
                 return;
         }
-        start_verify(lc, img, index, lc->bundle ? img->count : 1,
+        /* A bundle's payload parts are the rest of its image's files (the
+         * manifest is files[0]): all of them, so that on_verified counts the
+         * image as verified and activation does not read it back again. */
+        start_verify(lc, img, index, lc->bundle ? img->first + img->count - index : 1,
                      lc->bundle || index + 1 == img->first + img->count);
 }
 

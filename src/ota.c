@@ -38,6 +38,7 @@ struct ota {
          * (again, after a restart or a reboot). */
         bool owe_ready, owe_active, owe_finished;
         uint64_t last_progress_usec;
+        char last_progress[256]; /* the job and details of the last progress report */
 };
 
 static bool offered(const struct ota *ota, const struct state_record *rec) {
@@ -158,7 +159,7 @@ static void on_progress(const struct state_record *rec, uint64_t done, uint64_t 
         struct ota *ota = userdata;
         uint64_t now = clock_now_usec();
         uint64_t interval = (uint64_t) ota->otad->config->ota.progress_interval * USEC_PER_SEC;
-        char receive[48], fetched[24], reused[24];
+        char receive[48], fetched[24], reused[24], key[sizeof(ota->last_progress)];
         const struct status_detail details[] = {
                 { "receive", receive },
                 /* A bundle says what the adaptive update saved. */
@@ -173,10 +174,16 @@ static void on_progress(const struct state_record *rec, uint64_t done, uint64_t 
          * (AWS counts every publish against 100/s per connection). */
         if (!offered(ota, rec) || done == 0 || (done != 1 && done != total && now - ota->last_progress_usec < interval))
                 return;
-        ota->last_progress_usec = now;
         snprintf(receive, sizeof(receive), "%" PRIu64 "/%" PRIu64, done, total);
         snprintf(fetched, sizeof(fetched), "%" PRIu64, rec->fetched);
         snprintf(reused, sizeof(reused), "%" PRIu64, rec->reused);
+        /* A bundle's transfers end (and its first one starts) more than
+         * once at the same count: the service gets the same details once. */
+        snprintf(key, sizeof(key), "%s %s %s %s", rec->job_id, receive, fetched, reused);
+        if (strcmp(key, ota->last_progress) == 0)
+                return;
+        ota->last_progress_usec = now;
+        memcpy(ota->last_progress, key, sizeof(key));
         (void) report(ota, JOB_IN_PROGRESS, details, JOBS_UPDATE_PROGRESS, NULL);
 }
 

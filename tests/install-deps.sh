@@ -6,9 +6,9 @@
 # tests/test-uboot-boot.c;
 # libzck, zstd, zchunk and python3-botocore: update bundles, tests/test-bundle.c
 # and tests/integration/test_bundle_tool.py; zchunk also makes the pair of
-# payloads tests/bench/bench_ranges.py measures against; debootstrap: the
-# root file systems of the benchmarks tests/bench/bench_bundle.py and
-# bench_delta.py; rsync: bench_delta.py derives a new image from an old one.)
+# payloads tests/bench/bench_ranges.py measures against; debootstrap and
+# rsync: the Debian root file systems of the demo and the benchmarks,
+# tests/rootfs.py; bench_delta.py derives a new image from an old one.)
 set -eu
 
 packages="

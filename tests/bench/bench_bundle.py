@@ -3,10 +3,11 @@
 side by side from one run. A benchmark, not a test.
 
 The root file system is Debian bookworm, debootstrap --variant=minbase with
-systemd, as ext4 (`mkfs.ext4 -d`), in two sizes: fitted (~250 MB) and the
-same tree in a 1 GiB file system. It is built once into the build directory
-(<build>/bench-bundle/, keyed by the recipe below) and reused; building it
-needs root and Debian's mirror.
+systemd, as a reproducible ext4 image (tests/rootfs.py, the demo's builder),
+in two sizes: fitted (~250 MB) and the same tree in a 1 GiB file system. It
+is built once into the build directory (<build>/rootfs/, or
+$OTAD_ROOTFS_CACHE; keyed by its recipe) and reused; building it needs root
+and Debian's mirror.
 
 Measured:
   * bytes on the wire for the raw image and for the bundle (manifest +
@@ -21,7 +22,6 @@ Run: meson test -C build --benchmark -v bundle   (or this file directly with
 OTAD_BUILD_ROOT set); BENCH_BUNDLE_SIZES=250 limits the sizes.
 """
 
-import hashlib
 import json
 import os
 import resource
@@ -31,12 +31,15 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import rootfs  # noqa: E402
+
 BUILD = os.path.abspath(os.environ.get("OTAD_BUILD_ROOT", os.path.join(os.path.dirname(__file__), "../../build")))
 OTAD = os.environ.get("OTAD_BIN") or os.path.join(BUILD, "src", "otad")
 DECODE = os.path.join(BUILD, "tests", "bundle-decode")
 CACHE = os.path.join(BUILD, "bench-bundle")
-SUITE, MIRROR = "bookworm", "http://deb.debian.org/debian"
-RECIPE = ["debootstrap", "--variant=minbase", "--include=systemd,systemd-sysv", SUITE]
+ROOTFS_CACHE = rootfs.cache_dir(BUILD)
+rootfs.log = lambda text: print("# rootfs: " + text, flush=True)
 CAP = 512 * 1024
 MIB = 1024 * 1024
 
@@ -46,42 +49,26 @@ def sh(cmd, **kw):
 
 
 def recipe_key():
-    return hashlib.sha256(json.dumps(RECIPE).encode()).hexdigest()[:12]
+    return rootfs.tree_key()
 
 
 def rootfs_tree():
-    """The debootstrapped tree, built once."""
-    tree = os.path.join(CACHE, "rootfs-" + recipe_key())
-    if os.path.isdir(tree):
-        return tree
-    if os.geteuid() != 0:
+    """The debootstrapped tree (tests/rootfs.py), built once; CACHE exists
+    after it (bench_delta.py keeps its images there)."""
+    os.makedirs(CACHE, exist_ok=True)
+    try:
+        return rootfs.tree(ROOTFS_CACHE)
+    except PermissionError:
         print("# skip: building the root file system needs root (debootstrap)")
         sys.exit(0)
-    os.makedirs(CACHE, exist_ok=True)
-    tmp = tree + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    t = time.monotonic()
-    sh(RECIPE + [tmp, MIRROR])
-    # Caches that a real image would not ship.
-    shutil.rmtree(os.path.join(tmp, "var/cache/apt/archives"), ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "var/cache/apt/archives/partial"), exist_ok=True)
-    os.rename(tmp, tree)
-    print("# debootstrap: %.0f s" % (time.monotonic() - t))
-    return tree
 
 
 def ext4_image(tree, mib):
-    """tree as an ext4 image of mib MiB (0: fitted, 10 % free)."""
+    """tree as a reproducible ext4 image of mib MiB (0: fitted, 10 % free),
+    built once (tests/rootfs.py)."""
     if not mib:
-        used = int(sh(["du", "-s", "--block-size=1M", tree]).stdout.split()[0])
-        mib = int(used * 1.10) + 16
-    path = os.path.join(CACHE, "rootfs-%s-%dM.ext4" % (recipe_key(), mib))
-    if not os.path.exists(path):
-        # A fixed UUID and hash seed, so that two runs build the same bytes.
-        sh(["mkfs.ext4", "-q", "-F", "-L", "rootfs", "-U", "6f7c2a3e-0b1d-4e5f-8a9b-0c1d2e3f4a5b",
-            "-E", "hash_seed=1b2c3d4e-5f60-4172-8394-a5b6c7d8e9f0", "-d", tree, path + ".tmp", "%dM" % mib])
-        os.rename(path + ".tmp", path)
-    return path
+        mib = int(rootfs.tree_mib(tree) * 1.10) + 16
+    return rootfs.image(tree, mib)
 
 
 def timed(cmd, **kw):

@@ -165,7 +165,19 @@ class BundleUpdate(BundleCase):
         self.assertEqual(run(["grub-editenv", self.env, "set", "B_TRY=1"]).returncode, 0)
         self.start("B", "2.0.0")
         self.assertEqual(self.svc.wait_terminal(THING, job, timeout=60), "SUCCEEDED", self.otad.log()[-4000:])
-        return self.details(job)
+        # Read back and hashed once: a slot takes minutes to read on an SD card.
+        self.assertEqual(len(self.otad.grep(r"Verifying the bundle's image")), 1,
+                         "\n".join(self.otad.grep(r"verif")))
+        # What only resumed this install leaves with its record.
+        kept = lambda: {"bundle.chunks", "bundle.manifest"} & set(os.listdir(self.stack.state_dir(THING)))  # noqa: E731
+        wait_for(lambda: not kept(), 10)
+        self.assertEqual(kept(), set())
+        details = self.details(job)
+        # Every status update says something new (each is a publish and a
+        # Jobs API call).
+        for before, after in zip(details, details[1:]):
+            self.assertNotEqual(before, after, details)
+        return details
 
     def test_bundle_installs_only_what_the_device_lacks_and_commits(self):
         v2 = image_v2(self.v1)
@@ -181,6 +193,28 @@ class BundleUpdate(BundleCase):
         self.assertLess(fetched, self.payload_size() // 2, "only what slot A lacks was fetched")
         self.assertLessEqual(served, self.manifest_size() + fetched + 64 * 1024)
         self.assertTrue(any(d and "fetched" in d for _, d in details[:-1]), "progress says fetched/reused too")
+
+    def test_the_next_update_back_into_slot_a_reuses_slot_b(self):
+        """A second update, the first's record of chunks still in the state
+        directory: it is another payload's, so nothing is taken for an
+        earlier run of this install."""
+        v2 = image_v2(self.v1)
+        self.install(self.queue(v2, "2.0.0", "bundle-first"), v2)
+        v3 = bytearray(v2)
+        v3[5 * MIB:5 * MIB + 30000] = random.Random(13).randbytes(30000)
+        v3 = bytes(v3)
+        job = self.queue(v3, "3.0.0", "bundle-second")
+        self.assertTrue(wait_for(lambda: self.reboot_count() == 2, 120), self.otad.log()[-4000:])
+        self.assertEqual(self.slot_bytes("a", len(v3)), v3, "slot A holds the newer image")
+        self.assertEqual(run(["grub-editenv", self.env, "set", "A_TRY=1"]).returncode, 0)
+        self.start("A", "3.0.0")
+        self.assertEqual(self.svc.wait_terminal(THING, job, timeout=60), "SUCCEEDED", self.otad.log()[-4000:])
+        final = self.details(job)[-1][1]
+        self.assertGreater(int(final["reused"]), IMAGE_SIZE // 2, final)
+        self.assertLess(int(final["fetched"]), self.payload_size() // 2, final)
+        installed = [line for line in self.otad.grep(r"Bundle installed into the target") if "bundle-second" in line]
+        self.assertEqual(len(installed), 1, installed)
+        self.assertIn(" 0 of ", installed[0], "no chunk was written before a restart: there was none")
 
     def test_bundle_without_a_usable_active_slot_fetches_everything(self):
         with open(self.slots["a"], "wb") as f:
