@@ -227,14 +227,20 @@ directory = /var/lib/app/bundles
                                                "update committed")]
         self.assertEqual(order, sorted(order), "milestones out of order")
 
-    @todo("journal fidelity: one 'job finished' MESSAGE_ID per job, OTAD_STAGE values of otad(8)")
-    def test_05_journal_fidelity(self):
+    def job_entries(self):
         job = getattr(type(self), "file_job", None)
         self.assertTrue(job, "needs the job of test_03")
-        entries = self.ct.journal("-u", "otad", "OTAD_JOB_ID=" + job)
-        finished = [e for e in entries if e.get("MESSAGE_ID") == MID["job finished"]]
-        self.assertEqual(len(finished), 1, [e["MESSAGE"] for e in finished])
-        stages = {e["OTAD_STAGE"] for e in entries if "OTAD_STAGE" in e}
+        return self.ct.journal("-u", "otad", "OTAD_JOB_ID=" + job)
+
+    @todo("journal fidelity: one 'job finished' MESSAGE_ID per job")
+    def test_05a_one_job_finished_per_job(self):
+        finished = [e["MESSAGE"] for e in self.job_entries() if e.get("MESSAGE_ID") == MID["job finished"]]
+        self.assertEqual(len(finished), 1, finished)
+
+    @todo("journal fidelity: OTAD_STAGE values otad(8) does not list ('jobs', 'committed')")
+    def test_05b_stages_are_those_of_otad_8(self):
+        stages = {e["OTAD_STAGE"] for e in self.job_entries() if "OTAD_STAGE" in e}
+        self.assertTrue(stages)
         self.assertLessEqual(stages, STAGES, "OTAD_STAGE values not in otad(8)")
 
     def test_06_custom_job(self):
@@ -255,12 +261,6 @@ directory = /var/lib/app/bundles
                       'add "ReadWritePaths=/srv/gateway" in a drop-in (systemctl edit otad.service) '
                       'and restart otad', r.stderr)
         self.assertNotIn("/var/lib/app/bundles", r.stderr, "the documented target is writable as shipped")
-        # The same check run inside such a sandbox finds it read-only itself.
-        r = self.ct.run(["systemd-run", "--quiet", "--wait", "--pipe", "-p", "ProtectSystem=strict",
-                         "-p", "ReadWritePaths=/var/lib/app/bundles", "otad", "--check-config", "-c", "/etc/otad.conf"])
-        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
-        self.assertIn('target directory /srv/gateway: otad.service keeps /srv/gateway read-only', r.stderr)
-        self.assertNotIn("/var/lib/app/bundles", r.stderr)
 
         job = "AFR_OTA-container-config-1"
         config = b"[gateway]\nname = test\n"
@@ -281,6 +281,12 @@ directory = /var/lib/app/bundles
         self.ct.run(["systemctl", "restart", "otad"], check=True)
         r = self.ct.run(["otad", "--check-config", "-c", "/etc/otad.conf"])
         self.assertEqual((r.returncode, r.stdout), (0, "/etc/otad.conf: configuration OK\n"), r.stderr)
+        # Run where the directory is read-only after all (a mount namespace
+        # of its own), the check believes the kernel over the unit.
+        r = self.ct.run(["unshare", "--mount", "sh", "-c", "mount --bind -o ro /srv/gateway /srv/gateway && "
+                         "exec otad --check-config -c /etc/otad.conf"])
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertIn("target directory /srv/gateway: otad.service keeps /srv/gateway read-only", r.stderr)
         job = "AFR_OTA-container-config-2"
         self.svc.queue_ota_job(THING, job, config, filepath="gateway.conf", protocols=["MQTT"])
         self.assertEqual(self.svc.wait_terminal(THING, job, timeout=60), "SUCCEEDED", self.final(job))

@@ -34,6 +34,9 @@ import vm
 
 THING = "gw-vm"
 PART_BYTES = 16 << 20   # an MQTT stream file holds at most 24 MB
+# One boot, GRUB to the report on the console: 30-60 s under TCG, more than
+# 100 s on a loaded machine.
+BOOT_TIMEOUT = 400
 CONFIG = """[mqtt]
 endpoint = 10.0.2.2
 port = {port}
@@ -163,11 +166,12 @@ class VmScenarios(unittest.TestCase):
         vm.copy_disk(self.disk, disk)
         machine = vm.Vm(disk, self.dir, name)
         self.vms.append(machine)
-        self.addCleanup(machine.kill)
-        self.addCleanup(self.cancel_unfinished)
         started = time.monotonic()
+        # Cleanups run last first: the machine is off when its times are taken.
         self.addCleanup(lambda: self.times.__setitem__(
             self._testMethodName[5:], "%.0f s (QEMU CPU %.0f s)" % (time.monotonic() - started, machine.cpu_seconds)))
+        self.addCleanup(self.cancel_unfinished)
+        self.addCleanup(machine.kill)
         return machine
 
     def cancel_unfinished(self):
@@ -251,9 +255,9 @@ class VmScenarios(unittest.TestCase):
         env = vm.read_grubenv(machine.disk)
         self.assertEqual((env.get("ORDER", "").split()[:1], env.get("B_OK"), env.get("B_TRY")), (["B"], "1", "0"), env)
 
-    @todo("otad replaces grubenv by rename: GRUB replays no ext4 journal and sees it only once ext4 "
-          "checkpoints it (about 30 s later); a power cut before that boots the old slot")
     def test_update_2_grub_sees_the_commit_after_a_power_cut(self):
+        """GRUB replays no ext4 journal: what otad wrote must be where GRUB
+        reads, not only in the journal, when the power goes."""
         disk = getattr(type(self), "committed_disk", None)
         self.assertTrue(disk, "needs the disk of test_update_1_commit")
         env = vm.read_grubenv(disk, replay=False)
@@ -272,7 +276,7 @@ class VmScenarios(unittest.TestCase):
         details = self.statuses(job)[-1][1]
         self.assertEqual(details["reason"], "rejected: 0x00000000")
         self.assertIn("health check failed: exit status 1", details["detail"])
-        machine.wait_boots(3, 180)
+        machine.wait_boots(3, BOOT_TIMEOUT)
         self.assertEqual(self.slots(machine), [("A", "1.0.0"), ("B", "2.0.0"), ("A", "1.0.0")])
         self.assert_started_once_per_boot(machine)
         machine.power_cut()
@@ -287,9 +291,13 @@ class VmScenarios(unittest.TestCase):
         result = self.wait_terminal(job, machine)
         self.assertIn(result, ("SUCCEEDED", "FAILED"))
         want = ("B", "2.0.0") if result == "SUCCEEDED" else ("A", "1.0.0")
-        machine.wait_serial(r"OTAD-TEST: booted slot=%s version=%s" % want, 240)
-        self.assertEqual(self.slots(machine)[-1], want, self.slots(machine))
-        self.assertGreater(len(machine.boots()), cuts)
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not (len(machine.boots()) > cuts and self.slots(machine)[-1] == want):
+            self.assertTrue(machine.running() and time.monotonic() < deadline,
+                            "%s, but the gateway does not run %s: %s" % (result, want, self.slots(machine)))
+            time.sleep(0.5)
+        print("# %s: %s %s; boots %s" % (self._testMethodName, result, self.statuses(job)[-1][1],
+                                         " ".join("%s %s" % b for b in self.slots(machine))))
         return result
 
     def test_fault_1_power_cut_while_writing(self):
@@ -303,9 +311,9 @@ class VmScenarios(unittest.TestCase):
         self.assertTrue(cut.wait(600), "half the image never served: %s" % self.statuses(job)[-1:])
         self.assertEqual(self.svc.job_status(THING, job), "IN_PROGRESS")
         self.assertNotIn("self_test", str(self.statuses(job)), "cut while writing, before activation")
-        result = self.outcome_after_power_cut(machine, job)
-        print("# power cut while writing: %s, %d MiB served for a %d MiB image"
-              % (result, (self.served() - before) >> 20, total >> 20))
+        self.outcome_after_power_cut(machine, job)
+        print("# power cut while writing: %d MiB served for a %d MiB image"
+              % ((self.served() - before) >> 20, total >> 20))
 
     def test_fault_2_power_cut_after_the_bootloader_switched(self):
         machine = self.machine("cut-switched")
@@ -329,7 +337,7 @@ class VmScenarios(unittest.TestCase):
         with open(image, "wb") as f:
             f.write(os.urandom(PART_BYTES))
         machine.start()
-        machine.wait_boots(1, 240)
+        machine.wait_boots(1, BOOT_TIMEOUT)
         # Reads only: the download writes at full speed, the read-back crawls.
         rate = 192 << 10
         machine.monitor("block_set_io_throttle disk 0 %d 0 0 0 0" % rate)
