@@ -21,7 +21,6 @@ each with its own stand-in and machines, so that they share the two cores.
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import threading
@@ -73,15 +72,6 @@ HEALTHY = "#!/bin/sh\n# The gateway's application would be checked here.\necho g
 UNHEALTHY = "#!/bin/sh\necho 'gateway application did not start' >&2\nexit 1\n"
 STARTED = r"otad\[\d+\]: otad \S+ started for thing " + THING
 WATCHDOG = r"otad\.service: Watchdog timeout"
-
-
-def todo(defect):
-    """Expected failure caused by a defect that others fix (TAP TODO)."""
-    def mark(test):
-        test = unittest.expectedFailure(test)
-        test.todo = defect
-        return test
-    return mark
 
 
 def interrupted(signum, frame):
@@ -326,7 +316,6 @@ class VmScenarios(unittest.TestCase):
         self.assertEqual(self.slots(machine), [("A", "1.0.0")])
         self.outcome_after_power_cut(machine, job)
 
-    @todo("verification of a large image blocks the event loop (lead: moving it to a worker thread)")
     def test_fault_3_slow_storage_verifies_within_the_watchdog(self):
         """Reading back 16 MiB (one stream file: otad verifies each files[]
         entry on its own) at 192 KiB/s takes longer than the shipped

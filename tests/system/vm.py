@@ -71,10 +71,10 @@ def vm_grub_cfg():
 
 
 def provision_grubenv(path):
-    """The grubenv a gateway leaves the factory with, as otad.conf(5) says:
-    the documented grub.cfg sets every variable's default itself and loads
-    the block over them, so the factory writes an empty block. The one place
-    that follows the page when it says otherwise."""
+    """The grubenv a gateway leaves the factory with, as otad.conf(5)'s
+    FACTORY PROVISIONING says: an empty block (the documented grub.cfg
+    sets each variable's default before it loads the block). The one place
+    to follow the page when it says otherwise."""
     sh(["grub-editenv", path, "create"])
 
 
