@@ -147,7 +147,7 @@ class VmScenarios(unittest.TestCase):
         cls.unhealthy_files = files(UNHEALTHY)
         cls.disk = os.path.join(d, "factory.img")
         # Room for a bigger image than today's.
-        cls.parts = vm.make_disk(cls.disk, cls.image_a, max(cls.size_a, cls.size_b) + (32 << 20))
+        vm.make_disk(cls.disk, cls.image_a, max(cls.size_a, cls.size_b) + (32 << 20))
 
     # ---- helpers ------------------------------------------------------------------
 

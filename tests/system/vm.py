@@ -225,11 +225,10 @@ def _attached(image):
     loop = sh(["losetup", "-f", "--show", image]).strip()
     try:
         sh(["partx", "-a", loop])
-        try:
-            yield loop
-        finally:
-            subprocess.run(["partx", "-d", loop], capture_output=True)
+        yield loop
     finally:
+        # Also after a partx -a that added only some.
+        subprocess.run(["partx", "-d", loop], capture_output=True)
         subprocess.run(["losetup", "-d", loop], capture_output=True)
 
 
@@ -310,14 +309,12 @@ class Vm:
         self.log_path = os.path.join(workdir, name + ".qemu.log")
         self.monitor_path = os.path.join(workdir, name + ".monitor")
         self.proc = None
-        self.power_ons = []   # serial offsets where each power-on began
         self.cpu_seconds = 0.0  # QEMU's CPU time over all power-ons
 
     def start(self):
         assert not self.running()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.monitor_path)
-        self.power_ons.append(len(self.serial()))
         argv = ["qemu-system-x86_64", "-accel", "tcg", "-smp", "1", "-m", str(self.memory_mib),
                 "-nodefaults", "-display", "none",
                 "-chardev", "file,id=console,path=%s,append=on" % self.serial_path, "-serial", "chardev:console",
@@ -399,8 +396,6 @@ class Vm:
         self.proc.wait()
         if self in _machines:
             _machines.remove(self)
-
-    stop = power_cut
 
     def serial(self):
         try:
