@@ -19,6 +19,7 @@
 #include "config_check.h"
 #include "log.h"
 #include "macro.h"
+#include "sandbox.h"
 
 static inline void X509p(X509 **p) { X509_free(*p); }
 static inline void EVP_PKEYp(EVP_PKEY **p) { EVP_PKEY_free(*p); }
@@ -459,6 +460,18 @@ static int check_targets_and_bootloader(const struct otad_config *c, unsigned *w
         return first;
 }
 
+/* otad.service's ProtectSystem=strict keeps a file target it does not open
+ * read-only: its first job would fail with EROFS. Say so now, with the
+ * drop-in that opens it. */
+static int check_sandbox(const struct otad_config *c, unsigned *warnings) {
+        int first = 0;
+
+        for (size_t i = 0; i < c->n_targets; i++)
+                if (c->targets[i].type == TARGET_FILE)
+                        CHECK(sandbox_check_writable(c->targets[i].directory, "target directory"));
+        return first;
+}
+
 /* Each check logs every problem it finds and returns the first error; a
  * new check is one function and one line here. */
 static const struct {
@@ -468,6 +481,7 @@ static const struct {
         { "MQTT credentials", check_mqtt_credentials },
         { "code-signing and HTTPS certificates", check_ota_certificates },
         { "targets and bootloader", check_targets_and_bootloader },
+        { "otad.service's sandbox", check_sandbox },
 };
 
 int config_check(const struct otad_config *c, unsigned *warnings) {

@@ -26,6 +26,9 @@ packages="
 # tests/ci.sh's clang debug build and fuzz runs: clang, its ASan/UBSan and
 # libFuzzer runtimes, llvm-symbolizer for the file:line in their reports.
 packages="$packages clang libclang-rt-14-dev llvm"
+# tests/system/: the gateway it builds with debootstrap (kmod, cpio, binutils)
+# and boots in systemd-nspawn and in QEMU with GRUB for BIOS (grub2-common).
+packages="$packages systemd-container grub-pc-bin grub2-common kmod cpio binutils"
 
 missing=
 for p in $packages; do

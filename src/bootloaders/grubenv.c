@@ -263,5 +263,16 @@ int grubenv_write(const char *path, const struct grubenv *env) {
                 (void) unlink(tmp);
                 return r;
         }
-        return fsync_parent_directory(path);
+        r = fsync_parent_directory(path);
+        if (r < 0)
+                return r;
+        /* GRUB reads the file system as it lies on the disk and replays no
+         * ext4 journal: the rename is in the journal only until ext4
+         * checkpoints it, some 30 s later, and a power cut before that
+         * boots by the old environment. syncfs() writes the metadata
+         * where GRUB looks. */
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0 || syncfs(fd) < 0)
+                return -errno;
+        return 0;
 }

@@ -19,6 +19,7 @@
 #include "fileio.h"
 #include "log.h"
 #include "macro.h"
+#include "sandbox.h"
 
 int partial_file_open(struct partial_file *f, const char *dir, const char *name, uint64_t size, bool resume,
                       mode_t dir_mode) {
@@ -119,6 +120,13 @@ static int file_begin(struct installer *in, uint64_t size, bool resume) {
         if (r < 0)
                 return r;
         r = partial_file_open(&d->partial, dir, name, size, resume, 0755);
+        if (r == -EROFS) {
+                /* ProtectSystem=strict: say which drop-in opens dir */
+                _cleanup_free_ char *advice = sandbox_advice(dir);
+
+                return installer_fail(in, r, "cannot create %s/%s: %m; %s", dir, name,
+                                      advice ? advice : "read-only in otad's sandbox");
+        }
         if (r < 0)
                 return installer_fail(in, r, "cannot create %s/%s: %m", dir, name);
         log_job(LOG_DEBUG, in->job_id, NULL, "[target.%s]: writing %s (%llu bytes%s)", in->target->name,

@@ -71,8 +71,12 @@ class TapResult(unittest.TestResult):
         self.n += 1
         # TAP: a failing TODO point is "not ok ... # TODO"; harnesses (meson:
         # EXPECTEDFAIL) count it as passing. "ok ... # TODO" would be an
-        # unexpected pass.
-        self._line("not ok %d - %s # TODO expected failure" % (self.n, self._name(test)))
+        # unexpected pass. A test function's `todo` attribute names the
+        # defect it waits for.
+        method = getattr(test, getattr(test, "_testMethodName", ""), None)
+        reason = getattr(method, "todo", None) or "expected failure"
+        self._line("not ok %d - %s%s # TODO %s" % (self.n, self._name(test), self._elapsed(), reason))
+        self._diag("".join(traceback.format_exception_only(*err[:2])))
 
     def addUnexpectedSuccess(self, test):
         self.n += 1
