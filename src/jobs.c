@@ -14,7 +14,6 @@
 #include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -95,15 +94,6 @@ static void make_token(struct jobs *jobs, char *buf, size_t size) {
         snprintf(buf, size, "%u-%08x", ++jobs->token_counter, r);
 }
 
-static void job_log(int level, const char *job_id, const char *format, ...) __attribute__((format(printf, 3, 4)));
-static void job_log(int level, const char *job_id, const char *format, ...) {
-        va_list ap;
-
-        va_start(ap, format);
-        log_fullv(level, 0, &(const struct log_fields){ .job_id = job_id }, format, ap);
-        va_end(ap);
-}
-
 static void notify(struct jobs *jobs, enum jobs_activity activity, const char *job_id, const char *handler,
                    enum job_status status) {
         const struct jobs_state state = {
@@ -159,7 +149,7 @@ static void current_cancel(struct jobs *jobs, const char *why) {
         if (!c)
                 return;
         jobs->current = NULL;
-        job_log(LOG_NOTICE, c->job.id, "Job %s is no longer offered by the service (%s): stopping it", c->job.id, why);
+        log_job(LOG_NOTICE, c->job.id, NULL, "Job %s is no longer offered by the service (%s): stopping it", c->job.id, why);
         if (c->handler && c->handler->cancel)
                 c->handler->cancel(&c->job, c->handler->userdata);
         notify(jobs, JOBS_DROPPED, c->job.id, NULL, c->job.status);
@@ -302,7 +292,7 @@ static void job_refuse(struct jobs *jobs, const char *job_id, enum job_status cu
                 jobs_detail_value_sanitize(detail_value);
                 d[1] = (struct status_detail){ "detail", detail_value };
         }
-        job_log(LOG_WARNING, job_id, "Job %s: %s: %s%s%s", job_id, s == JOB_REJECTED ? "rejecting" : "failing", reason,
+        log_job(LOG_WARNING, job_id, NULL, "Job %s: %s: %s%s%s", job_id, s == JOB_REJECTED ? "rejecting" : "failing", reason,
                 d[1].key ? ": " : "", d[1].key ? detail_value : "");
         finished_add(jobs, job_id, 0);
         r = jobs_update(jobs, job_id, s, d, 0, NULL, NULL);
@@ -460,7 +450,7 @@ static void job_start(struct jobs *jobs, cJSON *execution, const char *job_id, e
                 if (!h->h.accepts(c->job.document, h->h.userdata))
                         continue;
                 c->handler = &h->h;
-                job_log(LOG_INFO, job_id, "Job %s: handing it to the %s handler", job_id, h->h.name);
+                log_job(LOG_INFO, job_id, NULL, "Job %s: handing it to the %s handler", job_id, h->h.name);
                 notify(jobs, JOBS_RUNNING, job_id, h->h.name, status);
                 r = h->h.start(&c->job, reason, sizeof(reason), h->h.userdata);
                 if (r >= 0)
@@ -651,7 +641,7 @@ static void on_unreadable_execution(struct jobs *jobs, const struct unreadable *
         if (st->type == JSON_SCAN_STRING && st->plain)
                 (void) job_status_from_string(st->value, &status);
         if (jobs->current && strcmp(jobs->current->job.id, id->value) == 0) {
-                job_log(LOG_ERR, id->value, "Job %s delivered again (%s) in a message that cannot be read: %s: %s; the job goes on",
+                log_job(LOG_ERR, id->value, NULL, "Job %s delivered again (%s) in a message that cannot be read: %s: %s; the job goes on",
                         id->value, source, u->reason, u->detail);
                 return;
         }

@@ -67,15 +67,6 @@ struct jobs_outbox {
 
 static void report_send(struct report *r);
 
-static void job_log(int level, const char *job_id, const char *format, ...) __attribute__((format(printf, 3, 4)));
-static void job_log(int level, const char *job_id, const char *format, ...) {
-        va_list ap;
-
-        va_start(ap, format);
-        log_fullv(level, 0, &(const struct log_fields){ .job_id = job_id }, format, ap);
-        va_end(ap);
-}
-
 static void make_token(struct jobs_outbox *o, char *buf, size_t size) {
         uint32_t r = 0;
 
@@ -171,7 +162,7 @@ static void enqueue_fallback(struct jobs_outbox *o, const struct report *refused
         }
         r = report_new(o, refused->job_id, JOB_FAILED, d, false, NULL, NULL);
         if (!r) {
-                job_log(LOG_ERR, refused->job_id, "Job %s: out of memory, cannot report it FAILED", refused->job_id);
+                log_job(LOG_ERR, refused->job_id, NULL, "Job %s: out of memory, cannot report it FAILED", refused->job_id);
                 return;
         }
         r->is_fallback = true;
@@ -191,7 +182,7 @@ static void report_finish(struct jobs_outbox *o, struct report *r, int result, c
                 *p = r->next;
 
         if (result == 0)
-                job_log(job_status_is_terminal(r->status) ? LOG_INFO : LOG_DEBUG, r->job_id,
+                log_job(job_status_is_terminal(r->status) ? LOG_INFO : LOG_DEBUG, r->job_id, NULL,
                         "Job %s: %s accepted by the service", r->job_id, job_status_to_string(r->status));
         if (job_status_is_terminal(r->status) && result < 0 && result != -ESTALE && result != -ENOENT &&
             !r->is_fallback && r->status != JOB_FAILED)
@@ -210,7 +201,7 @@ static int on_report_timer(sd_event_source *es, uint64_t usec, void *userdata) {
         r->timer = sd_event_source_disable_unref(r->timer);
         if (r->in_flight) {
                 r->in_flight = false;
-                job_log(LOG_WARNING, r->job_id, "Job %s: no answer to the %s update within 10 s, sending it again",
+                log_job(LOG_WARNING, r->job_id, NULL, "Job %s: no answer to the %s update within 10 s, sending it again",
                         r->job_id, job_status_to_string(r->status));
                 (void) sd_event_add_time_relative(r->outbox->otad->event, &r->timer, CLOCK_MONOTONIC,
                                                   backoff_next(&r->backoff), 0, on_report_timer, r);
@@ -249,7 +240,7 @@ static void report_send(struct report *r) {
                      r->token) < 0 ||
             asprintf(&topic, "jobs/%s/update", r->job_id) < 0) {
                 body = topic = NULL;
-                job_log(LOG_ERR, r->job_id, "Job %s: out of memory, status update delayed", r->job_id);
+                log_job(LOG_ERR, r->job_id, NULL, "Job %s: out of memory, status update delayed", r->job_id);
                 (void) sd_event_add_time_relative(o->otad->event, &r->timer, CLOCK_MONOTONIC, RETRY_MIN_USEC, 0,
                                                   on_report_timer, r);
                 return;
@@ -264,7 +255,7 @@ static void report_send(struct report *r) {
                 report_finish(o, r, ret, NULL, NULL);
                 return;
         }
-        job_log(LOG_DEBUG, r->job_id, "Job %s: sent %s", r->job_id, body);
+        log_job(LOG_DEBUG, r->job_id, NULL, "Job %s: sent %s", r->job_id, body);
         if (r->progress) {
                 /* Progress is fire-and-forget, like the reference agent's "receive". */
                 progress_remember(o, r);
@@ -291,10 +282,10 @@ static void on_reply(struct jobs_outbox *o, const char *job_id, bool accepted, c
             strcmp(r->job_id, job_id) != 0) {
                 if (cJSON_IsString(token) && progress_is_ours(o, job_id, token->valuestring)) {
                         if (accepted)
-                                job_log(LOG_DEBUG, job_id, "Job %s: progress update %s accepted by the service", job_id,
+                                log_job(LOG_DEBUG, job_id, NULL, "Job %s: progress update %s accepted by the service", job_id,
                                         token->valuestring);
                         else
-                                job_log(LOG_WARNING, job_id, "Job %s: the service refused progress update %s: %s: %s",
+                                log_job(LOG_WARNING, job_id, NULL, "Job %s: the service refused progress update %s: %s: %s",
                                         job_id, token->valuestring, c ? c : "(no code)", m ? m : "(no message)");
                         return;
                 }
@@ -320,13 +311,13 @@ static void on_reply(struct jobs_outbox *o, const char *job_id, bool accepted, c
                 /* Transient (§1.6, DC's policy). VersionMismatch cannot come
                  * from our requests (no expectedVersion); if a service sends
                  * it anyway, the retry simply re-applies our status. */
-                job_log(LOG_WARNING, r->job_id, "Job %s: %s update rejected with %s, retrying", r->job_id,
+                log_job(LOG_WARNING, r->job_id, NULL, "Job %s: %s update rejected with %s, retrying", r->job_id,
                         job_status_to_string(r->status), c);
                 (void) sd_event_add_time_relative(o->otad->event, &r->timer, CLOCK_MONOTONIC,
                                                   backoff_next(&r->backoff), 0, on_report_timer, r);
                 return;
         }
-        job_log(LOG_ERR, r->job_id, "Job %s: the service refused the %s update: %s: %s", r->job_id,
+        log_job(LOG_ERR, r->job_id, NULL, "Job %s: the service refused the %s update: %s: %s", r->job_id,
                 job_status_to_string(r->status), c ? c : "(no code)", m ? m : "(no message)");
         report_finish(o, r, code_to_errno(c), c, m);
 }

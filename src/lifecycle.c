@@ -515,11 +515,28 @@ static void on_transfer_need_url(void *userdata) {
         lc->ops->need_fresh_url(lc->userdata);
 }
 
+/* A download that ended in an error, in the reference agent's words: a
+ * target too small for the file, data that is not what was signed (only a
+ * bundle's chunks are checked as they come: a raw file's bad data is a
+ * transfer that cannot go on), or the transfer given up. */
+static void fail_download(struct lifecycle *lc, int result, bool checked_as_received, const char *detail) {
+        char word[64];
+
+        if (result == -ENOSPC || result == -EFBIG)
+                format_reason(word, sizeof(word), NULL, OTA_PAL_RX_FILE_TOO_LARGE, (unsigned) -result);
+        else if (result == -EBADMSG && checked_as_received)
+                format_reason(word, sizeof(word), NULL, OTA_PAL_SIGNATURE_CHECK_FAILED, EBADMSG);
+        else
+                format_reason(word, sizeof(word), "aborted",
+                              result == -ETIMEDOUT ? OTA_ERR_MOMENTUM_ABORT : OTA_ERR_REQUEST_FILE_BLOCK, 0);
+        (void) fire(lc, EV_FAILED, word, detail);
+}
+
 static void on_transfer_finished(int result, const char *reason, void *userdata) {
         struct lifecycle *lc = userdata;
         unsigned index = lc->rec.file_index;
         const struct image *img = images_of_file(&lc->images, index);
-        char word[64], detail[512];
+        char detail[512];
 
         /* The target knows best what went wrong writing it ("cannot sync
          * slot /dev/sdb3: Input/output error"). reason lives in the
@@ -538,12 +555,7 @@ static void on_transfer_finished(int result, const char *reason, void *userdata)
                 (void) fire(lc, EV_RECEIVED, NULL, NULL);
                 return;
         }
-        if (result == -ENOSPC || result == -EFBIG)
-                format_reason(word, sizeof(word), NULL, OTA_PAL_RX_FILE_TOO_LARGE, (unsigned) -result);
-        else
-                format_reason(word, sizeof(word), "aborted",
-                              result == -ETIMEDOUT ? OTA_ERR_MOMENTUM_ABORT : OTA_ERR_REQUEST_FILE_BLOCK, 0);
-        (void) fire(lc, EV_FAILED, word, detail);
+        fail_download(lc, result, false, detail);
 }
 
 static const struct transfer_ops transfer_ops = {
@@ -707,7 +719,7 @@ static void on_install_need_url(void *userdata) {
 static void on_install_finished(int result, const char *reason, void *userdata) {
         struct lifecycle *lc = userdata;
         struct bundle_install_stats st;
-        char word[64], detail[512];
+        char detail[512];
 
         bundle_install_get_stats(lc->install, &st);
         snprintf(detail, sizeof(detail), "the bundle's payload: %s", reason ? reason : "");
@@ -721,14 +733,7 @@ static void on_install_finished(int result, const char *reason, void *userdata) 
                 (void) fire(lc, EV_RECEIVED, NULL, NULL);
                 return;
         }
-        if (result == -ENOSPC || result == -EFBIG)
-                format_reason(word, sizeof(word), NULL, OTA_PAL_RX_FILE_TOO_LARGE, (unsigned) -result);
-        else if (result == -EBADMSG)
-                format_reason(word, sizeof(word), NULL, OTA_PAL_SIGNATURE_CHECK_FAILED, EBADMSG);
-        else
-                format_reason(word, sizeof(word), "aborted",
-                              result == -ETIMEDOUT ? OTA_ERR_MOMENTUM_ABORT : OTA_ERR_REQUEST_FILE_BLOCK, 0);
-        (void) fire(lc, EV_FAILED, word, detail);
+        fail_download(lc, result, true, detail);
 }
 
 static const struct bundle_install_ops install_ops = {

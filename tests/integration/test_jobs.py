@@ -172,7 +172,7 @@ class TestSession(JobsTestCase):
         # too: only a check against the endpoint's name refuses it.
         otad = self.start_otad(mqtt={"endpoint": "vm"})
         otad.wait_for_log(r"Connection to vm:\d+ \(address 127\.0\.0\.1\) failed: the broker's certificate does "
-                          r"not match the host name vm: it is for DNS:localhost, IP:127\.0\.0\.1 \(wrong endpoint\?\)",
+                          r"not match the host name vm: it is for DNS:localhost, IP:127\.0\.0\.1, IP:10\.0\.2\.2 \(wrong endpoint\?\)",
                           CONNECT_TIMEOUT)
         self.assertFalse(otad.grep(r"Connected to"))
         self.assert_running(otad)
