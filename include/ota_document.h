@@ -14,9 +14,12 @@
 
 typedef struct cJSON cJSON;
 
-/* Jobs-lib's parser accepts files[0..9]; a bigger document is refused
- * rather than truncated. */
-#define OTA_DOCUMENT_MAX_FILES 10
+/* As many files as an OTA update may have: CreateOTAUpdate's `files` and
+ * CreateStream's take at most 50 (the AWS IoT service model; Jobs-lib's
+ * parser stops at 10, AWS wins). An update bundle of the most parts a
+ * stream holds uses all 50 (bundle_manifest.h). A bigger document is
+ * refused rather than truncated. */
+#define OTA_DOCUMENT_MAX_FILES 50
 #define OTA_DOCUMENT_STREAM_NAME_MAX 128 /* CreateStream: [a-zA-Z0-9_-]{1,128} */
 #define OTA_DOCUMENT_FILEPATH_MAX 1024
 #define OTA_DOCUMENT_CERTFILE_MAX 256

@@ -100,6 +100,9 @@ static int check_signature(const struct otad_config *config, const struct ota_do
         return 0;
 }
 
+/* A bundle that otad bundle create makes is a job a device takes. */
+_Static_assert(BUNDLE_PARTS_MAX + 1 <= OTA_DOCUMENT_MAX_FILES, "the manifest and every part fit in one job");
+
 /* The job's files after the manifest are the manifest's parts, in order,
  * each named and sized as the manifest says: a part from another bundle is
  * refused before a byte of it is fetched. */

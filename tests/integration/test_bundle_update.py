@@ -225,6 +225,21 @@ class BundleUpdate(BundleCase):
         self.assertEqual(int(final["reused"]), 0)
         self.assertGreaterEqual(int(final["fetched"]), self.payload_size())
 
+    def test_a_bundle_of_fifty_files_the_most_a_stream_holds(self):
+        """A manifest and 49 parts: an OTA update's and a stream's most files
+        (AWS IoT's model), which a 1.2 GB payload in 24 MiB parts needs."""
+        with open(self.slots["a"], "wb") as f:
+            f.write(b"\xff" * 8 * MIB)  # every part is fetched
+        v2 = image_v2(self.v1)
+        out, request = self.bundle(v2, "2.0.0", "bundle-probe")
+        payload = sum(os.path.getsize(os.path.join(out, f["fileName"])) for f in request["files"]
+                      if not f["fileName"].endswith(".manifest"))
+        job = self.queue(v2, "2.0.0", "bundle-fifty", "--part-size", str(-(-payload // 49)))
+        self.assertEqual(len(self.sizes), 50, sorted(self.sizes))
+        final = self.install(job, v2)[-1][1]
+        self.assertEqual(final["reason"], "accepted  v2.0.0")
+        self.assertGreaterEqual(int(final["fetched"]), self.payload_size())
+
     def test_bundle_over_https(self):
         v2 = image_v2(self.v1)
         job = self.queue(v2, "2.0.0", "bundle-https", protocols=["HTTP"])
