@@ -19,10 +19,15 @@ Jobs, streams), its own A/B disk (demo.Disk: GPT partitions on a loop
 device) and a fresh otad with the demo's otad.conf (demo.Device: grub
 bootloader, otad's default stream settings). One publisher key signs
 everything; each device trusts it.
-  raw       2.0.0's image as a plain afr_ota job, in 16 MiB parts
-            (`rootfs.ext4#part=OFFSET/TOTAL`, otad.conf(5) IMAGES LARGER
-            THAN ONE STREAM FILE), as demo.sh --raw queues its image;
-            slot A holds 1.0.0 (a raw install reuses nothing anyway).
+  raw       2.0.0's image as a plain afr_ota job of one file, as
+            demo.sh --raw queues its image; slot A holds 1.0.0 (a raw
+            install reuses nothing anyway). AWS IoT cannot carry a 335 MB
+            image in one job: a stream file holds at most 24 MB (16 MB
+            through CreateOTAUpdate) and a job document at most 10 files
+            (otad refuses more, as the reference agent does), i.e. 160-240
+            MB. The stand-in's stream-file cap is lifted for this job (as
+            bench_download.py does for its 128 MiB runs); its rate caps
+            are not, so the row is what the raw image costs on the wire.
   full      2.0.0's bundle (`otad bundle create`) on a device with nothing
             to reuse: both slots filled with random bytes before otad
             starts, so no chunk of the new image is found, not even a run
@@ -55,7 +60,7 @@ to the whole image, marked so. BENCH_INSTALL_CAPS=0 runs without the caps
 (a quick check of the machinery; the figures then mean little).
 
 Needs root (loop devices; building the images). Run:
-  meson test -C build --benchmark -v install   (about 17 minutes)
+  meson test -C build --benchmark -v install   (about 15 minutes)
   OTAD_BUILD_ROOT=build OTAD_BIN=build/src/otad /usr/bin/python3 tests/bench/bench_install.py
 """
 
@@ -73,10 +78,10 @@ sys.path.insert(0, os.path.join(HERE, "..", "standin"))
 import bench_download as bd  # noqa: E402
 import demo  # noqa: E402
 from harness import Stack  # noqa: E402
+import streams as streams_mod  # noqa: E402
 from pki import Pki  # noqa: E402
 
 MIB = 1024 * 1024
-PART = 16 * MIB             # the OTA Update Manager's cap per file
 PAUSE = 1.0                 # seconds without stream traffic that are not transfer
 TARGET_S = 10.0             # issue 13: the adaptive update's transfer
 RAW_JOB = "AFR_OTA-raw-2_0_0"
@@ -133,15 +138,15 @@ def fill_random(path, nbytes):
 
 
 def install_raw(stack, device, image, limit, publisher):
-    """2.0.0's image (its first `limit` bytes) as a plain afr_ota job in
-    parts; returns when otad asked for the reboot, slot B checked."""
+    """2.0.0's image (its first `limit` bytes) as a plain afr_ota job of
+    one file; returns when otad asked for the reboot, slot B checked."""
     svc = stack.service
     with open(image, "rb") as f:
         data = f.read(limit)
-    svc.queue_ota_job(demo.THING, RAW_JOB, data, protocols=["MQTT"], split_bytes=PART,
-                      signing_key=publisher.signer_key,
-                      part_fields=lambda i, offset, part: {"filepath": "rootfs.ext4#part=%d/%d" % (offset, len(data))})
-    say("raw: queued %s, %d parts of up to %d MiB" % (RAW_JOB, (len(data) + PART - 1) // PART, PART // MIB))
+    streams_mod.MAX_FILE = max(streams_mod.MAX_FILE, len(data))
+    svc.queue_ota_job(demo.THING, RAW_JOB, data, protocols=["MQTT"], filepath="rootfs.ext4",
+                      signing_key=publisher.signer_key)
+    say("raw: queued %s, one file of %d bytes (the stand-in's stream-file cap lifted)" % (RAW_JOB, len(data)))
     demo.follow_job(svc, RAW_JOB, lambda: device.reboot_requests() > 0 or svc.job_status(demo.THING, RAW_JOB) in
                     ("FAILED", "SUCCEEDED", "REJECTED", "CANCELED"), 3600, time.monotonic())
     if device.reboot_requests() == 0:
@@ -217,7 +222,7 @@ def print_table(rows, image_size, caps):
     print("| install | on the device before | bytes served | stream messages | transfer | job queued → `self_test: ready` "
           "| bytes / time vs raw | otad peak RssAnon | otad CPU |")
     print("|---|---|---|---|---|---|---|---|---|")
-    what = {"raw": ("raw image, %d parts" % ((raw["size"] + PART - 1) // PART), "slot A: 1.0.0"),
+    what = {"raw": ("raw image", "slot A: 1.0.0"),
             "full": ("full bundle", "slots A and B: random bytes"),
             "adaptive": ("adaptive (same bundle)", "slot A: 1.0.0")}
     for r in rows:
