@@ -21,13 +21,13 @@ bootloader, otad's default stream settings). One publisher key signs
 everything; each device trusts it.
   raw       2.0.0's image as a plain afr_ota job of one file, as
             demo.sh --raw queues its image; slot A holds 1.0.0 (a raw
-            install reuses nothing anyway). AWS IoT cannot carry a 335 MB
-            image in one job: a stream file holds at most 24 MB (16 MB
-            through CreateOTAUpdate) and a job document at most 10 files
-            (otad refuses more, as the reference agent does), i.e. 160-240
-            MB. The stand-in's stream-file cap is lifted for this job (as
+            install reuses nothing anyway). AWS IoT carries a 335 MB
+            image only cut into parts: a stream file holds at most 24 MB
+            (16 MB through CreateOTAUpdate), a job up to 50 files, so 14-21
+            `image#part=` files, each signed by hand. The stand-in's
+            stream-file cap is lifted for this job instead (as
             bench_download.py does for its 128 MiB runs); its rate caps
-            are not, so the row is what the raw image costs on the wire.
+            are not: the same bytes on the wire at the same rate.
   full      2.0.0's bundle (`otad bundle create`) on a device with nothing
             to reuse: both slots filled with random bytes before otad
             starts, so no chunk of the new image is found, not even a run
