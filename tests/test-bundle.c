@@ -257,6 +257,9 @@ static struct buf zstd_of(const struct buf *raw) {
         return b;
 }
 
+/* What the last decode_crafted() wrote, image_size bytes. */
+static struct buf crafted_slot;
+
 /* A crafted payload with its manifest; decodes it, returns the decoder's
  * result, and the error text in err. */
 static int decode_crafted(const struct craft *c, const struct craft_chunk *chunks, size_t n, uint64_t image_size,
@@ -295,7 +298,8 @@ static int decode_crafted(const struct craft *c, const struct craft_chunk *chunk
         bundle_manifest_free(m);
         free(payload.data);
         free(image.data);
-        free(s.data);
+        free(crafted_slot.data);
+        crafted_slot = (struct buf){ s.data, image_size };
         return r;
 }
 
@@ -369,6 +373,57 @@ static void test_crafted(void) {
         r = decode_crafted(&good_craft, &stored, 1, raw.len, 65536, err, sizeof(err));
         tap_is_int(r, 0, "stored chunk (zero compressed digest) decodes by its uncompressed checksum");
 
+        /* Chunks that repeat (a file system's empty space), between others:
+         * each lands at its own offset with its own bytes. */
+        {
+                struct buf zeros = { calloc(1, 30000), 30000 }, ones = { malloc(30000), 30000 };
+                memset(ones.data, 1, ones.len);
+                struct craft_chunk z = { .comp = zstd_of(&zeros), .raw = zeros }, o = { .comp = zstd_of(&ones), .raw = ones };
+                /* o is z's size: only the checksums tell them apart. */
+                struct craft_chunk seq[] = { z, z, o, z, ok, ok, o, o, z };
+                size_t n = sizeof(seq) / sizeof(seq[0]), pos = 0;
+                bool same = true;
+
+                r = decode_crafted(&good_craft, seq, n, 7 * zeros.len + 2 * raw.len, 65536, err, sizeof(err));
+                for (size_t i = 0; i < n; i++) {
+                        same = same && memcmp(crafted_slot.data + pos, seq[i].raw.data, seq[i].raw.len) == 0;
+                        pos += seq[i].raw.len;
+                }
+                tap_ok(r == 0 && same, "repeated chunks decode to their own bytes at their own offsets (%d)", r);
+
+                /* A repeat whose compressed bytes are not what the index
+                 * says: refused, not taken for the chunk before it. */
+                struct buf payload = craft_zck(&good_craft, (struct craft_chunk[]){ z, z }, 2);
+                struct bundle_manifest *m = calloc(1, sizeof(*m));
+                struct sink sk = { .data = calloc(1, 2 * zeros.len), .size = 2 * zeros.len };
+                struct payload_decoder *d = NULL;
+
+                m->compatible = strdup("x");
+                m->version = strdup("1");
+                m->payload_format = strdup("zchunk");
+                m->chunking.algorithm = strdup("gear64");
+                m->image_size = 2 * zeros.len;
+                m->payload_size = payload.len;
+                m->chunk_count = 2;
+                m->chunk_size_max = 65536;
+                m->header_size = (uint32_t) (payload.len - 2 * z.comp.len);
+                sha256(payload.data, m->header_size, m->header_sha256);
+                payload.data[payload.len - 1] ^= 1; /* the second chunk's last byte */
+                r = payload_decoder_new(m, sink_write, &sk, &d);
+                if (r >= 0)
+                        r = payload_decoder_feed(d, payload.data, payload.len);
+                tap_ok(r == -EBADMSG && strstr(payload_decoder_error(d), "chunk 1") && sk.writes == 1,
+                       "a tampered repeat of the chunk before is refused: %s", d ? payload_decoder_error(d) : "");
+                payload_decoder_free(d);
+                bundle_manifest_free(m);
+                free(payload.data);
+                free(sk.data);
+                free(z.comp.data);
+                free(o.comp.data);
+                free(zeros.data);
+                free(ones.data);
+        }
+
         /* The index claims a different image size than the manifest. */
         r = decode_crafted(&good_craft, &ok, 1, raw.len + 1, 65536, err, sizeof(err));
         tap_ok(r == -EPROTO && strstr(err, "image"), "chunks that do not add up to the image refused: %s", err);
@@ -378,6 +433,8 @@ static void test_crafted(void) {
         free(big.comp.data);
         free(raw.data);
         free(bomb_raw.data);
+        free(crafted_slot.data);
+        crafted_slot = (struct buf){ NULL, 0 };
 }
 
 /* ---- zchunk files made by the zck CLI ----------------------------------- */
