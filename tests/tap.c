@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "tap.h"
@@ -70,4 +71,20 @@ int tap_done(void) {
                 return 1;
         }
         return tap_failed ? 1 : 0;
+}
+
+int tap_sh(const char *dir, const char *format, ...) {
+        char *cmd = NULL, *full = NULL;
+        va_list ap;
+        int r;
+
+        va_start(ap, format);
+        r = vasprintf(&cmd, format, ap);
+        va_end(ap);
+        if (r < 0 || asprintf(&full, "cd '%s' && ( %s ) >/dev/null 2>&1", dir, cmd) < 0)
+                abort();
+        r = system(full);
+        free(cmd);
+        free(full);
+        return r;
 }

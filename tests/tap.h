@@ -12,5 +12,8 @@ bool tap_is_str(const char *got, const char *want, const char *name);
 /* "# text" diagnostics */
 void tap_diag(const char *format, ...) __attribute__((format(printf, 1, 2)));
 void tap_skip(const char *reason, const char *name);
+/* Runs a shell command in dir, its output discarded; system()'s status.
+ * For the set-up of tests that make keys and files with the CLI tools. */
+int tap_sh(const char *dir, const char *format, ...) __attribute__((format(printf, 2, 3)));
 /* Prints the plan if none was given; returns the process exit status. */
 int tap_done(void);

@@ -25,19 +25,7 @@
 
 static char dir[] = "/tmp/test-delta.XXXXXX";
 
-__attribute__((format(printf, 1, 2)))
-static int sh(const char *format, ...) {
-        _cleanup_free_ char *cmd = NULL, *full = NULL;
-        va_list ap;
-        int r;
-
-        va_start(ap, format);
-        r = vasprintf(&cmd, format, ap);
-        va_end(ap);
-        if (r < 0 || asprintf(&full, "cd '%s' && ( %s ) >/dev/null 2>&1", dir, cmd) < 0)
-                abort();
-        return system(full);
-}
+#define sh(...) tap_sh(dir, __VA_ARGS__)
 
 struct buf {
         uint8_t *data;

@@ -32,23 +32,7 @@ static int mem_read(uint64_t offset, void *buf, size_t len, void *userdata) {
         return 0;
 }
 
-__attribute__((format(printf, 1, 2)))
-static int sh(const char *format, ...) {
-        _cleanup_free_ char *cmd = NULL;
-        va_list ap;
-        int r;
-
-        va_start(ap, format);
-        r = vasprintf(&cmd, format, ap);
-        va_end(ap);
-        if (r < 0)
-                abort();
-        /* Every command runs in the temp dir, quietly. */
-        _cleanup_free_ char *full = NULL;
-        if (asprintf(&full, "cd '%s' && ( %s ) >/dev/null 2>&1", dir, cmd) < 0)
-                abort();
-        return system(full);
-}
+#define sh(...) tap_sh(dir, __VA_ARGS__)
 
 static char *slurp(const char *name) {
         _cleanup_free_ char *p = NULL;
