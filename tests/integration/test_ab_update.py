@@ -16,7 +16,7 @@ import threading
 import time
 import unittest
 
-from harness import Stack
+from harness import Stack, wait_for
 
 THING = "thing-A"
 OTAD = os.environ.get("OTAD_BIN")
@@ -25,15 +25,6 @@ OTAD = os.environ.get("OTAD_BIN")
 def run(argv, **kw):
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, **kw)
 
-
-def wait_for(predicate, timeout):
-    """Polls predicate until it holds or timeout seconds pass; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
 
 
 def grubenv(path):

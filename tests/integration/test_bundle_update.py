@@ -15,7 +15,7 @@ import subprocess
 import time
 import unittest
 
-from harness import Stack
+from harness import Stack, wait_for
 
 THING = "thing-A"
 OTAD = os.environ.get("OTAD_BIN")
@@ -26,14 +26,6 @@ IMAGE_SIZE = 6 * MIB
 def run(argv, **kw):
     return subprocess.run(argv, capture_output=True, text=True, timeout=300, **kw)
 
-
-def wait_for(predicate, timeout):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
 
 
 def image_v1(seed=7):
@@ -255,7 +247,7 @@ class BundleUpdate(BundleCase):
         with open(self.slots["a"], "wb") as f:
             f.write(b"\xff" * 8 * MIB)  # everything is fetched: the payload takes a while
         v2 = image_v2(self.v1)
-        job = self.queue(v2, "2.0.0", "bundle-kill")
+        self.queue(v2, "2.0.0", "bundle-kill")
         # AWS's caps (512 KiB/s): the payload takes a few seconds.
         self.svc.set_aws_caps(THING, bytes_per_s=256 * 1024)
         otad = self.start("A", "1.0.0")

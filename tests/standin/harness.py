@@ -38,6 +38,16 @@ def _close_open_stacks():
         stack.close()
 
 
+def wait_for(predicate, timeout):
+    """Polls predicate until it holds or timeout seconds pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
 def otad_binary():
     return os.environ.get("OTAD_BIN") or DEFAULT_OTAD
 
