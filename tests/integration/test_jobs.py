@@ -327,9 +327,9 @@ class TestSession(JobsTestCase):
         otad.wait_for_log(FAILED + r"the TLS handshake did not finish within 20 s$", 20 + CONNECT_TIMEOUT)
         self.assert_running(otad)
 
-    def test_server_that_is_not_tls_is_named(self):
-        # A web server (or a proxy) on the port: its first bytes are no TLS
-        # record.
+    def server_that_answers(self, reply):
+        """A port on 127.0.0.1 that reads what a client sends first, answers
+        reply and hangs up, for as long as the test runs; returns it."""
         import threading
         listener = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(listener.close)
@@ -340,33 +340,26 @@ class TestSession(JobsTestCase):
                     conn, _ = listener.accept()
                     with conn:
                         conn.recv(1024)
-                        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                        conn.sendall(reply)
             except OSError:
                 pass
 
         threading.Thread(target=answer, daemon=True).start()
-        otad = self.start_otad(mqtt={"port": listener.getsockname()[1]})
+        return listener.getsockname()[1]
+
+    def test_server_that_is_not_tls_is_named(self):
+        # A web server (or a proxy) on the port: its first bytes are no TLS
+        # record.
+        port = self.server_that_answers(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        otad = self.start_otad(mqtt={"port": port})
         self.assert_every_failure(otad, r"^the server does not answer in TLS \(OpenSSL: wrong version number\): is this "
                                         r"the broker's TLS port\?$")
 
     def test_plain_mqtt_listener_is_named(self):
         # A broker's plain MQTT port takes the ClientHello for a broken
         # packet and hangs up without a word.
-        import threading
-        listener = socket.create_server(("127.0.0.1", 0))
-        self.addCleanup(listener.close)
-
-        def answer():
-            try:
-                while True:
-                    conn, _ = listener.accept()
-                    with conn:
-                        conn.recv(1024)
-            except OSError:
-                pass
-
-        threading.Thread(target=answer, daemon=True).start()
-        otad = self.start_otad(mqtt={"port": listener.getsockname()[1]})
+        port = self.server_that_answers(b"")
+        otad = self.start_otad(mqtt={"port": port})
         self.assert_every_failure(otad, r"^the broker closed the connection during the TLS handshake without a TLS alert "
                                         r"\(as a port that does not speak TLS would, e\.g\. a plain MQTT listener\)$")
 
